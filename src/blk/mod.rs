@@ -1,0 +1,1 @@
+//! virtio-blk: request parsing and validation, the block target trait, the RAM target.

@@ -1,0 +1,1 @@
+//! SCSI: CDB builders, sense decoding, INQUIRY/VPD parsing.

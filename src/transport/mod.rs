@@ -1,0 +1,1 @@
+//! Transports that carry iSCSI PDUs: TCP (RFC 7143) and iSER (RFC 7145).

@@ -1,0 +1,1 @@
+//! The vhost-user-blk device: backend, per-queue workers.
