@@ -11,6 +11,7 @@
 
 pub mod blk;
 pub mod iscsi;
+pub mod open;
 pub mod scsi;
 pub mod transport;
 pub mod vhost;

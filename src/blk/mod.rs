@@ -1,1 +1,8 @@
-//! virtio-blk: request parsing and validation, the block target trait, the RAM target.
+//! virtio-blk: request parsing and validation, the config space, the block
+//! target trait and the RAM target.
+
+pub mod buffer;
+pub mod config;
+pub mod mem;
+pub mod request;
+pub mod target;

@@ -1,1 +1,5 @@
-//! The vhost-user-blk device: backend, per-queue workers.
+//! The vhost-user-blk device: backend (features, config space, event
+//! dispatch) and the per-queue workers.
+
+pub mod backend;
+pub mod worker;

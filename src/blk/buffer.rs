@@ -1,0 +1,302 @@
+//! Data buffers of a request, as host-virtual iovecs into guest memory.
+//!
+//! A virtio-blk request's data lives in guest memory that QEMU shared with us
+//! (memfd). Targets move data straight between that memory and the network
+//! (`readv`/`writev` on TCP, RDMA on iSER), so a request carries its buffers as
+//! host addresses rather than as copies. This module is the guest-memory edge:
+//! it is the only place that turns guest addresses into host pointers, and the
+//! [`IoBuffers`] it builds keep the guest memory mapping alive for as long as a
+//! target may touch it, even if the frontend replaces the memory table meanwhile.
+
+use std::any::Any;
+use std::sync::Arc;
+
+use libc::iovec;
+use thiserror::Error;
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+/// The guest memory type used throughout the backend.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+
+/// Why a guest buffer could not be added to a request.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum BufferError {
+    /// Part of the range is not backed by any guest memory region.
+    #[error("guest address range {addr:#x}+{len:#x} is outside guest memory")]
+    OutOfRange {
+        /// Guest address of the descriptor.
+        addr: u64,
+        /// Length of the descriptor.
+        len: u32,
+    },
+}
+
+/// Scatter-gather list of one request's data, in host-virtual addresses.
+///
+/// Holds a reference to the memory mapping it points into, so the pointers stay
+/// valid until the request is dropped.
+pub struct IoBuffers {
+    iov: Vec<iovec>,
+    len: u64,
+    /// Keeps the mapping (guest memory, or a test's own buffer) alive.
+    _owner: Option<Arc<dyn Any + Send + Sync>>,
+}
+
+// SAFETY: the raw pointers in `iov` point into a mapping owned by `_owner`
+// (shared guest memory or a heap buffer), which is Send + Sync; an IoBuffers is
+// used by one request at a time, so moving it between threads is sound.
+unsafe impl Send for IoBuffers {}
+
+impl std::fmt::Debug for IoBuffers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoBuffers")
+            .field("segments", &self.iov.len())
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl IoBuffers {
+    /// An empty buffer list that keeps `mem` mapped while the request lives.
+    pub fn new(mem: Arc<GuestMemoryMmap>) -> Self {
+        IoBuffers {
+            iov: Vec::new(),
+            len: 0,
+            _owner: Some(mem),
+        }
+    }
+
+    /// An empty buffer list that owns nothing (requests without data).
+    pub fn empty() -> Self {
+        IoBuffers {
+            iov: Vec::new(),
+            len: 0,
+            _owner: None,
+        }
+    }
+
+    /// A buffer list over a heap buffer owned by the list (tests, bounce buffers).
+    pub fn from_vec(buf: Vec<u8>) -> Self {
+        let mut buf = buf.into_boxed_slice();
+        let len = buf.len();
+        let base = buf.as_mut_ptr();
+        let owner: Arc<dyn Any + Send + Sync> = Arc::new(OwnedBuf(buf));
+        IoBuffers {
+            iov: if len == 0 {
+                Vec::new()
+            } else {
+                vec![iovec {
+                    iov_base: base.cast(),
+                    iov_len: len,
+                }]
+            },
+            len: len as u64,
+            _owner: Some(owner),
+        }
+    }
+
+    /// Adds the guest range `addr..addr+len`, split at memory region boundaries.
+    pub fn push_guest(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        addr: GuestAddress,
+        len: u32,
+    ) -> Result<(), BufferError> {
+        let err = BufferError::OutOfRange { addr: addr.0, len };
+        let mut cur = addr;
+        let mut left = len as usize;
+        while left > 0 {
+            let (region, offset) = mem.to_region_addr(cur).ok_or_else(|| err.clone())?;
+            let avail = (region.len() - offset.0) as usize;
+            let take = avail.min(left);
+            let host = region.get_host_address(offset).map_err(|_| err.clone())?;
+            self.push_raw(host, take);
+            left -= take;
+            cur = cur.checked_add(take as u64).ok_or_else(|| err.clone())?;
+        }
+        Ok(())
+    }
+
+    fn push_raw(&mut self, base: *mut u8, len: usize) {
+        if len == 0 {
+            return;
+        }
+        // Merge with the previous segment when the guest buffer is contiguous in
+        // host memory: fewer iovecs and, on iSER, fewer commands.
+        if let Some(last) = self.iov.last_mut() {
+            // SAFETY: pointer arithmetic only, no dereference; the result is compared.
+            let end = unsafe { last.iov_base.cast::<u8>().add(last.iov_len) };
+            if end == base {
+                last.iov_len += len;
+                self.len += len as u64;
+                return;
+            }
+        }
+        self.iov.push(iovec {
+            iov_base: base.cast(),
+            iov_len: len,
+        });
+        self.len += len as u64;
+    }
+
+    /// Total length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether there is no data.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The segments, for `readv`/`writev` or memory registration lookups.
+    pub fn iovecs(&self) -> &[iovec] {
+        &self.iov
+    }
+
+    /// Appends to `out` the iovecs that cover `offset..offset+len` of this buffer.
+    ///
+    /// Returns the number of bytes covered (less than `len` if the range runs past the end).
+    pub fn iovecs_range(&self, mut offset: u64, len: u64, out: &mut Vec<iovec>) -> u64 {
+        let mut left = len;
+        for seg in &self.iov {
+            if left == 0 {
+                break;
+            }
+            let seg_len = seg.iov_len as u64;
+            if offset >= seg_len {
+                offset -= seg_len;
+                continue;
+            }
+            let take = (seg_len - offset).min(left);
+            out.push(iovec {
+                // SAFETY: offset < seg_len, so the pointer stays inside the segment.
+                iov_base: unsafe { seg.iov_base.cast::<u8>().add(offset as usize) }.cast(),
+                iov_len: take as usize,
+            });
+            left -= take;
+            offset = 0;
+        }
+        len - left
+    }
+
+    /// Copies bytes out of the buffer starting at `offset` into `dst`; returns bytes copied.
+    pub fn read_at(&self, offset: u64, dst: &mut [u8]) -> usize {
+        let mut done = 0;
+        self.for_each_range(offset, dst.len() as u64, |ptr, n| {
+            // SAFETY: `ptr..ptr+n` lies inside a live segment (see for_each_range)
+            // and `dst[done..done+n]` is in bounds; guest memory may change
+            // concurrently, which only affects the bytes read, not soundness of u8 copies.
+            unsafe { std::ptr::copy_nonoverlapping(ptr, dst.as_mut_ptr().add(done), n) };
+            done += n;
+        });
+        done
+    }
+
+    /// Copies `src` into the buffer starting at `offset`; returns bytes copied.
+    pub fn write_at(&self, offset: u64, src: &[u8]) -> usize {
+        let mut done = 0;
+        self.for_each_range(offset, src.len() as u64, |ptr, n| {
+            // SAFETY: as in read_at; the segment is writable guest memory or our own buffer.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr().add(done), ptr, n) };
+            done += n;
+        });
+        done
+    }
+
+    /// Fills `offset..offset+len` with zeroes; returns bytes written.
+    pub fn fill_zero(&self, offset: u64, len: u64) -> u64 {
+        let mut done = 0u64;
+        self.for_each_range(offset, len, |ptr, n| {
+            // SAFETY: as in write_at.
+            unsafe { std::ptr::write_bytes(ptr, 0, n) };
+            done += n as u64;
+        });
+        done
+    }
+
+    fn for_each_range(&self, offset: u64, len: u64, mut f: impl FnMut(*mut u8, usize)) {
+        let mut skip = offset;
+        let mut left = len;
+        for seg in &self.iov {
+            if left == 0 {
+                break;
+            }
+            let seg_len = seg.iov_len as u64;
+            if skip >= seg_len {
+                skip -= seg_len;
+                continue;
+            }
+            let n = (seg_len - skip).min(left);
+            // SAFETY: skip < seg_len, the pointer stays inside the segment.
+            let ptr = unsafe { seg.iov_base.cast::<u8>().add(skip as usize) };
+            f(ptr, n as usize);
+            left -= n;
+            skip = 0;
+        }
+    }
+}
+
+struct OwnedBuf(#[allow(dead_code)] Box<[u8]>);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn two_region_mem() -> Arc<GuestMemoryMmap> {
+        Arc::new(
+            GuestMemoryMmap::from_ranges(&[
+                (GuestAddress(0x1000), 0x1000),
+                (GuestAddress(0x2000), 0x1000),
+                (GuestAddress(0x10000), 0x1000),
+            ])
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn splits_at_region_boundary_and_roundtrips() {
+        let mem = two_region_mem();
+        let mut b = IoBuffers::new(mem.clone());
+        b.push_guest(&mem, GuestAddress(0x1f00), 0x200).unwrap();
+        assert_eq!(b.len(), 0x200);
+        // Two distinct mmaps are not contiguous in host memory (in general).
+        assert!(!b.iovecs().is_empty());
+        let data: Vec<u8> = (0..0x200u32).map(|i| (i * 7) as u8).collect();
+        assert_eq!(b.write_at(0, &data), 0x200);
+        let mut back = vec![0u8; 0x200];
+        assert_eq!(b.read_at(0, &mut back), 0x200);
+        assert_eq!(back, data);
+        let mut vm_back = vec![0u8; 0x200];
+        vm_memory::Bytes::read_slice(&*mem, &mut vm_back, GuestAddress(0x1f00)).unwrap();
+        assert_eq!(vm_back, data);
+    }
+
+    #[test]
+    fn rejects_out_of_range() {
+        let mem = two_region_mem();
+        let mut b = IoBuffers::new(mem.clone());
+        assert!(b.push_guest(&mem, GuestAddress(0x2f00), 0x200).is_err());
+        assert!(b.push_guest(&mem, GuestAddress(0x5000), 1).is_err());
+        assert!(b
+            .push_guest(&mem, GuestAddress(u64::MAX - 10), 100)
+            .is_err());
+    }
+
+    #[test]
+    fn iovecs_range_and_partial_copies() {
+        let b = IoBuffers::from_vec((0..100u8).collect());
+        let mut out = Vec::new();
+        assert_eq!(b.iovecs_range(10, 20, &mut out), 20);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].iov_len, 20);
+        out.clear();
+        assert_eq!(b.iovecs_range(90, 20, &mut out), 10);
+        let mut dst = [0u8; 8];
+        assert_eq!(b.read_at(96, &mut dst), 4);
+        assert_eq!(&dst[..4], &[96, 97, 98, 99]);
+        assert_eq!(b.fill_zero(98, 10), 2);
+        assert_eq!(b.read_at(96, &mut dst), 4);
+        assert_eq!(&dst[..4], &[96, 97, 0, 0]);
+    }
+}

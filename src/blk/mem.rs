@@ -1,0 +1,298 @@
+//! RAM target (`mem:SIZE`): a sparse in-memory disk shared by all queues.
+//!
+//! Used by tests, the demo and the benchmark of the vhost layer alone. Storage
+//! is allocated in 64 KiB chunks on first write, so a large, mostly unused disk
+//! costs nothing; reads of unwritten chunks return zeroes. Chunks are spread
+//! over shards, each with its own lock, so queues rarely meet.
+
+use std::collections::HashMap;
+use std::os::fd::RawFd;
+use std::sync::{Arc, RwLock};
+
+use super::target::{
+    BlockOp, BlockRequest, BlockStatus, Completion, DeviceInfo, QueueTarget, RangeOpLimits, Target,
+    TargetError,
+};
+
+const CHUNK_SHIFT: u32 = 16;
+const CHUNK: u64 = 1 << CHUNK_SHIFT;
+const SHARDS: usize = 64;
+
+type Chunk = Box<[u8]>;
+
+/// Sparse byte store in 64 KiB chunks.
+struct SparseStore {
+    shards: Vec<RwLock<HashMap<u64, Chunk>>>,
+}
+
+impl SparseStore {
+    fn new() -> Self {
+        SparseStore {
+            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+        }
+    }
+
+    fn shard(&self, chunk: u64) -> &RwLock<HashMap<u64, Chunk>> {
+        &self.shards[(chunk as usize) % SHARDS]
+    }
+
+    /// Calls `f(chunk_index, offset_in_chunk, offset_in_request, len)` for each
+    /// chunk piece of `start..start+len`.
+    fn pieces(start: u64, len: u64, mut f: impl FnMut(u64, usize, u64, usize)) {
+        let mut pos = start;
+        let end = start + len;
+        while pos < end {
+            let chunk = pos >> CHUNK_SHIFT;
+            let off = (pos & (CHUNK - 1)) as usize;
+            let n = ((CHUNK as usize) - off).min((end - pos) as usize);
+            f(chunk, off, pos - start, n);
+            pos += n as u64;
+        }
+    }
+
+    fn read(&self, start: u64, len: u64, dst: &super::buffer::IoBuffers) {
+        Self::pieces(start, len, |chunk, off, at, n| {
+            // A poisoned lock means another thread panicked mid-copy; the bytes are
+            // still plain memory, so keep serving rather than cascade the panic.
+            let shard = self.shard(chunk).read().unwrap_or_else(|e| e.into_inner());
+            match shard.get(&chunk) {
+                Some(c) => {
+                    dst.write_at(at, &c[off..off + n]);
+                }
+                None => {
+                    dst.fill_zero(at, n as u64);
+                }
+            }
+        });
+    }
+
+    fn write(&self, start: u64, len: u64, src: &super::buffer::IoBuffers) {
+        Self::pieces(start, len, |chunk, off, at, n| {
+            let mut shard = self.shard(chunk).write().unwrap_or_else(|e| e.into_inner());
+            let c = shard
+                .entry(chunk)
+                .or_insert_with(|| vec![0u8; CHUNK as usize].into_boxed_slice());
+            src.read_at(at, &mut c[off..off + n]);
+        });
+    }
+
+    /// Zeroes a range, dropping chunks it covers entirely.
+    fn zero(&self, start: u64, len: u64) {
+        Self::pieces(start, len, |chunk, off, _at, n| {
+            let mut shard = self.shard(chunk).write().unwrap_or_else(|e| e.into_inner());
+            if n as u64 == CHUNK {
+                shard.remove(&chunk);
+            } else if let Some(c) = shard.get_mut(&chunk) {
+                c[off..off + n].fill(0);
+            }
+        });
+    }
+}
+
+/// The RAM target.
+pub struct MemTarget {
+    info: DeviceInfo,
+    store: Arc<SparseStore>,
+}
+
+impl MemTarget {
+    /// A RAM disk of `size` bytes (rounded down to 512).
+    pub fn new(size: u64, read_only: bool) -> Self {
+        let mut info = DeviceInfo::simple(size);
+        info.read_only = read_only;
+        info.serial = b"vhost-iser-mem".to_vec();
+        if !read_only {
+            let limits = RangeOpLimits {
+                max_sectors: u32::MAX / 512 * 512 / 512,
+                max_segments: 64,
+                alignment_sectors: 1,
+            };
+            info.discard = Some(limits);
+            info.write_zeroes = Some(limits);
+            info.write_zeroes_may_unmap = true;
+        }
+        MemTarget {
+            info,
+            store: Arc::new(SparseStore::new()),
+        }
+    }
+
+    /// Parses the part after `mem:`: a size like `1G`, `512M`, `4096`.
+    pub fn from_spec(spec: &str, read_only: bool) -> Result<Self, TargetError> {
+        let bad = |reason: &str| TargetError::BadTarget {
+            target: format!("mem:{spec}"),
+            reason: reason.to_string(),
+        };
+        let size = parse_size(spec).ok_or_else(|| bad("expected a size such as mem:1G"))?;
+        if size < 512 {
+            return Err(bad("size must be at least 512 bytes"));
+        }
+        Ok(Self::new(size, read_only))
+    }
+}
+
+/// Parses `123`, `4k`, `512M`, `2G`, `1T` (binary units).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last()? {
+        (i, c) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_lowercase() {
+                'k' => 1u64 << 10,
+                'm' => 1 << 20,
+                'g' => 1 << 30,
+                't' => 1 << 40,
+                _ => return None,
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    num.parse::<u64>().ok()?.checked_mul(mult)
+}
+
+impl Target for MemTarget {
+    fn info(&self) -> DeviceInfo {
+        self.info.clone()
+    }
+
+    fn open_queue(&self, _index: usize) -> Result<Box<dyn QueueTarget>, TargetError> {
+        Ok(Box::new(MemQueue {
+            store: self.store.clone(),
+            ready: Vec::new(),
+        }))
+    }
+}
+
+/// One queue's view of the RAM disk: completes everything inside `submit`.
+struct MemQueue {
+    store: Arc<SparseStore>,
+    ready: Vec<Completion>,
+}
+
+impl QueueTarget for MemQueue {
+    fn submit(&mut self, tag: u64, req: BlockRequest) {
+        // The blk layer has already checked ranges against the capacity.
+        let start = req.sector * 512;
+        match req.op {
+            BlockOp::Read => self.store.read(start, req.data.len(), &req.data),
+            BlockOp::Write { .. } => self.store.write(start, req.data.len(), &req.data),
+            BlockOp::Flush => {}
+            BlockOp::Discard | BlockOp::WriteZeroes { .. } => {
+                for r in &req.ranges {
+                    self.store.zero(r.sector * 512, r.num_sectors as u64 * 512);
+                }
+            }
+        }
+        self.ready.push(Completion {
+            tag,
+            status: BlockStatus::Ok,
+        });
+    }
+
+    fn poll(&mut self, done: &mut Vec<Completion>) {
+        done.append(&mut self.ready);
+    }
+
+    fn event_fd(&self) -> Option<RawFd> {
+        None
+    }
+
+    fn in_flight(&self) -> usize {
+        self.ready.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blk::buffer::IoBuffers;
+    use crate::blk::target::SectorRange;
+
+    fn run(q: &mut dyn QueueTarget, req: BlockRequest) -> BlockStatus {
+        q.submit(7, req);
+        let mut done = Vec::new();
+        q.poll(&mut done);
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].tag, 7);
+        done[0].status
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("1G"), Some(1 << 30));
+        assert_eq!(parse_size("64m"), Some(64 << 20));
+        assert_eq!(parse_size("x"), None);
+        assert_eq!(parse_size("1Q"), None);
+        assert_eq!(parse_size("99999999999T"), None);
+        assert!(MemTarget::from_spec("100", false).is_err());
+    }
+
+    #[test]
+    fn write_read_across_chunks_and_zero() {
+        let t = MemTarget::new(1 << 20, false);
+        let mut a = t.open_queue(0).unwrap();
+        let mut b = t.open_queue(1).unwrap();
+        let data: Vec<u8> = (0..(CHUNK as usize + 4096))
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let sector = (CHUNK - 2048) / 512;
+        let w = BlockRequest {
+            op: BlockOp::Write { fua: false },
+            sector,
+            data: IoBuffers::from_vec(data.clone()),
+            ranges: vec![],
+        };
+        assert_eq!(run(a.as_mut(), w), BlockStatus::Ok);
+        // Read through another queue: storage is shared.
+        let r = IoBuffers::from_vec(vec![0xAA; data.len()]);
+        let mut back = vec![0u8; data.len()];
+        let req = BlockRequest {
+            op: BlockOp::Read,
+            sector,
+            data: r,
+            ranges: vec![],
+        };
+        // Keep a view of the buffer to check after completion.
+        let view = req.data.iovecs()[0];
+        assert_eq!(run(b.as_mut(), req), BlockStatus::Ok);
+        let _ = view;
+        let r2 = IoBuffers::from_vec(vec![0xAA; data.len()]);
+        let req2 = BlockRequest {
+            op: BlockOp::Read,
+            sector,
+            data: r2,
+            ranges: vec![],
+        };
+        b.submit(1, req2);
+        let mut done = Vec::new();
+        b.poll(&mut done);
+        // Reading again via a fresh IoBuffers we own: use a store read directly.
+        let out = IoBuffers::from_vec(vec![0u8; data.len()]);
+        t.store.read(sector * 512, data.len() as u64, &out);
+        out.read_at(0, &mut back);
+        assert_eq!(back, data);
+
+        // Zero a range that covers one whole chunk and part of another.
+        let z = BlockRequest {
+            op: BlockOp::WriteZeroes { unmap: true },
+            sector: 0,
+            data: IoBuffers::empty(),
+            ranges: vec![SectorRange {
+                sector: 0,
+                num_sectors: (CHUNK / 512) as u32 + 1,
+            }],
+        };
+        assert_eq!(run(a.as_mut(), z), BlockStatus::Ok);
+        let out = IoBuffers::from_vec(vec![0xFFu8; 2048]);
+        t.store.read(CHUNK - 2048, 2048, &out);
+        let mut tail = vec![0u8; 2048];
+        out.read_at(0, &mut tail);
+        assert!(tail.iter().all(|&x| x == 0));
+        let out = IoBuffers::from_vec(vec![0u8; 512]);
+        t.store.read(CHUNK + 512, 512, &out);
+        let mut rest = vec![0u8; 512];
+        out.read_at(0, &mut rest);
+        assert_eq!(rest, data[2048 + 512..2048 + 1024]);
+    }
+}

@@ -1,0 +1,330 @@
+//! The vhost-user-blk device: feature negotiation, config space, and the
+//! dispatch of queue kicks and target completions to the per-queue workers.
+
+use std::io;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+use thiserror::Error;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use super::worker::{QueueStats, QueueWorker};
+use crate::blk::buffer::GuestMemoryMmap;
+use crate::blk::config::{config_space, device_features, read_window, WRITEBACK_OFFSET};
+use crate::blk::request::RequestLimits;
+use crate::blk::target::{DeviceInfo, Target, TargetError};
+
+/// Device options from the command line or config file.
+#[derive(Clone, Debug)]
+pub struct DeviceOptions {
+    /// Number of virtqueues (one worker thread each).
+    pub num_queues: usize,
+    /// Largest virtqueue size the frontend may pick.
+    pub queue_size: usize,
+    /// Refuse writes even if the target allows them.
+    pub read_only: bool,
+    /// Serial reported by GET_ID (default: the target's).
+    pub serial: Option<String>,
+}
+
+/// Errors starting or running the device.
+#[derive(Debug, Error)]
+pub enum DeviceError {
+    /// A queue's target could not be opened.
+    #[error("cannot open queue {index} of the target")]
+    OpenQueue {
+        /// Queue index.
+        index: usize,
+        /// Cause.
+        #[source]
+        source: TargetError,
+    },
+    /// Bad options.
+    #[error("invalid device option: {0}")]
+    BadOption(String),
+    /// The vhost-user daemon failed.
+    #[error("vhost-user daemon on {socket}: {detail}")]
+    Daemon {
+        /// Socket path.
+        socket: String,
+        /// What failed.
+        detail: String,
+    },
+}
+
+/// The vhost-user-blk backend: shared, read-mostly device state plus one
+/// worker per queue, each behind its own (uncontended) lock.
+pub struct BlkBackend {
+    info: DeviceInfo,
+    num_queues: usize,
+    queue_size: usize,
+    seg_max: u32,
+    features: u64,
+    event_idx: AtomicBool,
+    writeback: Arc<AtomicBool>,
+    workers: Vec<Mutex<QueueWorker>>,
+    stats: Vec<Arc<QueueStats>>,
+    target: Arc<dyn Target>,
+}
+
+impl BlkBackend {
+    /// Builds the device over `target`, opening one target queue per virtqueue.
+    pub fn new(target: Arc<dyn Target>, opts: &DeviceOptions) -> Result<Self, DeviceError> {
+        if opts.num_queues == 0 || opts.num_queues > 64 {
+            return Err(DeviceError::BadOption(format!(
+                "queues must be between 1 and 64, got {}",
+                opts.num_queues
+            )));
+        }
+        if !opts.queue_size.is_power_of_two() || !(4..=32768).contains(&opts.queue_size) {
+            return Err(DeviceError::BadOption(format!(
+                "queue size must be a power of two between 4 and 32768, got {}",
+                opts.queue_size
+            )));
+        }
+        let mut info = target.info();
+        if opts.read_only {
+            info.read_only = true;
+        }
+        if let Some(s) = &opts.serial {
+            info.serial = s.as_bytes().to_vec();
+        }
+        // Linux puts the header and the status in descriptors of their own.
+        let seg_max = (opts.queue_size as u32).saturating_sub(2).max(1);
+        let limits = Arc::new(RequestLimits {
+            capacity_sectors: info.capacity_sectors,
+            seg_max,
+            read_only: info.read_only,
+            discard: info
+                .discard
+                .filter(|_| !info.read_only)
+                .map(|d| (d.max_sectors, d.max_segments)),
+            write_zeroes: info
+                .write_zeroes
+                .filter(|_| !info.read_only)
+                .map(|d| (d.max_sectors, d.max_segments)),
+        });
+        let writeback = Arc::new(AtomicBool::new(info.write_cache));
+        let mut workers = Vec::with_capacity(opts.num_queues);
+        let mut stats = Vec::with_capacity(opts.num_queues);
+        for index in 0..opts.num_queues {
+            let q = target
+                .open_queue(index)
+                .map_err(|source| DeviceError::OpenQueue { index, source })?;
+            let w = QueueWorker::new(index, q, limits.clone(), &info.serial, writeback.clone());
+            stats.push(w.stats());
+            workers.push(Mutex::new(w));
+        }
+        let features = device_features(&info, opts.num_queues)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        Ok(BlkBackend {
+            info,
+            num_queues: opts.num_queues,
+            queue_size: opts.queue_size,
+            seg_max,
+            features,
+            event_idx: AtomicBool::new(false),
+            writeback,
+            workers,
+            stats,
+            target,
+        })
+    }
+
+    /// The device as the guest sees it.
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    /// Per-queue counters.
+    pub fn stats(&self) -> &[Arc<QueueStats>] {
+        &self.stats
+    }
+
+    fn worker(&self, index: usize) -> MutexGuard<'_, QueueWorker> {
+        // Only queue `index`'s thread and the drain path take this lock; a
+        // poisoned lock means a worker panicked, and its state is still usable.
+        self.workers[index]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stops taking new requests and waits (up to `timeout`) for in-flight
+    /// ones to complete. Returns the number still in flight.
+    pub fn drain(&self, timeout: Duration) -> usize {
+        for i in 0..self.num_queues {
+            self.worker(i).start_draining();
+        }
+        self.wait_idle(0..self.num_queues, timeout)
+    }
+
+    fn wait_idle(&self, queues: std::ops::Range<usize>, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let busy: usize = queues.clone().map(|i| self.worker(i).in_flight()).sum();
+            if busy == 0 || Instant::now() >= deadline {
+                return busy;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// The epoll data value for queue `index`'s target fd: above the range
+    /// vhost-user-backend reserves for queues and its exit event.
+    fn target_event_id(&self, index: usize) -> u64 {
+        (self.num_queues + 1 + index) as u64
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        self.num_queues
+    }
+
+    fn max_queue_size(&self) -> usize {
+        self.queue_size
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let space = config_space(
+            &self.info,
+            self.num_queues as u16,
+            self.seg_max,
+            self.writeback.load(Ordering::Relaxed),
+        );
+        read_window(&space, offset, size)
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        // Only the writeback byte is writable (VIRTIO_BLK_F_CONFIG_WCE).
+        if offset as usize == WRITEBACK_OFFSET && buf.len() == 1 {
+            let on = buf[0] != 0;
+            info!(
+                "guest set the write cache to {}",
+                if on { "writeback" } else { "writethrough" }
+            );
+            self.writeback.store(on, Ordering::Relaxed);
+            return Ok(());
+        }
+        warn!(
+            "guest wrote {} bytes at config offset {offset}: refused",
+            buf.len()
+        );
+        Err(io::Error::from_raw_os_error(libc::EINVAL))
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        self.target.update_memory(&mem.memory().into_inner());
+        for i in 0..self.num_queues {
+            self.worker(i).set_memory(mem.clone());
+        }
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.num_queues).map(|i| 1u64 << i).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // GET_VRING_BASE: the frontend reads last_avail_idx next, so every
+        // request we took must be in the used ring first.
+        let q = queue_index as usize;
+        if q < self.num_queues {
+            let left = self.wait_idle(q..q + 1, Duration::from_secs(60));
+            if left > 0 {
+                warn!(
+                    "queue {q}: {left} requests still in flight when the frontend stopped the ring"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        // One queue per thread: the thread's only vring is queue `thread_id`.
+        let Some(vring) = vrings.first() else {
+            return Ok(());
+        };
+        let ev = device_event as usize;
+        let mut worker = self.worker(thread_id);
+        if ev < self.num_queues {
+            worker.process_queue(vring, self.event_idx.load(Ordering::Relaxed));
+        } else if ev as u64 == self.target_event_id(thread_id) {
+            worker.process_target(vring);
+        }
+        Ok(())
+    }
+}
+
+/// Serves frontends on `socket` one connection after another until the
+/// process is stopped. A stale socket file is replaced.
+pub fn serve(backend: Arc<BlkBackend>, socket: &Path) -> Result<(), DeviceError> {
+    let socket_name = socket.display().to_string();
+    let err = |detail: String| DeviceError::Daemon {
+        socket: socket_name.clone(),
+        detail,
+    };
+    loop {
+        let mut daemon = VhostUserDaemon::new(
+            "vhost-iser".to_string(),
+            backend.clone(),
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .map_err(|e| err(format!("cannot create the device: {e}")))?;
+        for (i, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+            if let Some(fd) = backend.worker(i).target_fd() {
+                handler
+                    .register_listener(fd, EventSet::IN, backend.target_event_id(i))
+                    .map_err(|e| err(format!("cannot watch queue {i}'s target: {e}")))?;
+            }
+        }
+        info!("waiting for a frontend on {socket_name}");
+        match daemon.serve(socket) {
+            Ok(()) => info!("frontend disconnected"),
+            Err(e) => warn!("frontend connection ended: {e}"),
+        }
+        // Requests taken from the old rings complete into them before the
+        // next frontend may look at the same rings.
+        let left = backend.wait_idle(0..backend.num_queues, Duration::from_secs(60));
+        if left > 0 {
+            warn!("{left} requests still in flight after the frontend left");
+        }
+    }
+}
