@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use log::{info, warn};
 use thiserror::Error;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
@@ -301,6 +302,11 @@ pub fn serve(backend: Arc<BlkBackend>, socket: &Path) -> Result<(), DeviceError>
         socket: socket_name.clone(),
         detail,
     };
+    // One listening socket for the process's life: a frontend that connects
+    // while the previous one is being torn down waits in the backlog instead
+    // of being reset.
+    let mut listener =
+        Listener::new(socket, true).map_err(|e| err(format!("cannot listen: {e}")))?;
     loop {
         let mut daemon = VhostUserDaemon::new(
             "vhost-iser".to_string(),
@@ -308,7 +314,8 @@ pub fn serve(backend: Arc<BlkBackend>, socket: &Path) -> Result<(), DeviceError>
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
         )
         .map_err(|e| err(format!("cannot create the device: {e}")))?;
-        for (i, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+        let handlers = daemon.get_epoll_handlers();
+        for (i, handler) in handlers.iter().enumerate() {
             if let Some(fd) = backend.worker(i).target_fd() {
                 handler
                     .register_listener(fd, EventSet::IN, backend.target_event_id(i))
@@ -316,9 +323,15 @@ pub fn serve(backend: Arc<BlkBackend>, socket: &Path) -> Result<(), DeviceError>
             }
         }
         info!("waiting for a frontend on {socket_name}");
-        match daemon.serve(socket) {
+        daemon
+            .start(&mut listener)
+            .map_err(|e| err(format!("cannot accept a frontend: {e}")))?;
+        match daemon.wait() {
             Ok(()) => info!("frontend disconnected"),
             Err(e) => warn!("frontend connection ended: {e}"),
+        }
+        for h in &handlers {
+            h.send_exit_event();
         }
         // Requests taken from the old rings complete into them before the
         // next frontend may look at the same rings.
