@@ -119,7 +119,7 @@ impl Client {
     }
 
     /// The buffer memory shared with the backend.
-    pub fn buf(&self) -> &mut [u8] {
+    pub fn buf(&mut self) -> &mut [u8] {
         // SAFETY: the region is mapped for the client's lifetime; tests use disjoint
         // parts of it per in-flight request.
         unsafe { std::slice::from_raw_parts_mut(self.region.addr as *mut u8, self.region.len) }
