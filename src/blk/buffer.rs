@@ -47,6 +47,12 @@ pub struct IoBuffers {
 // used by one request at a time, so moving it between threads is sound.
 unsafe impl Send for IoBuffers {}
 
+// SAFETY: shared access only reads the iovec list; the bytes behind it are
+// guest memory, which the guest itself may change at any time, so copies in
+// and out through `&IoBuffers` are byte copies of shared memory, never
+// references into it.
+unsafe impl Sync for IoBuffers {}
+
 impl std::fmt::Debug for IoBuffers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IoBuffers")

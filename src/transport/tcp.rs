@@ -323,7 +323,7 @@ impl TcpConnection {
         &mut self,
         plan: &mut dyn FnMut(&[u8; BHS_LEN]) -> RecvPlan<'p>,
     ) -> Result<Option<InPdu>, TransportError> {
-        loop {
+        {
             if !self.recv.in_data {
                 // Header phase.
                 let r = &mut self.recv;
