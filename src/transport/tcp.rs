@@ -415,24 +415,22 @@ impl TcpConnection {
                 r.trailer_got = 0;
             }
             // Data phase: data, then pad and digest, then (opportunistically) the next header.
-            match self.read_data()? {
-                false => return Ok(None),
-                true => {
-                    let r = &mut self.recv;
-                    r.in_data = false;
-                    let bhs = r.cur_bhs;
-                    let dest = std::mem::replace(&mut r.dest, DataDest::Discard);
-                    if self.data_digest {
-                        self.check_data_digest(&bhs, &dest)?;
-                    }
-                    let data = match dest {
-                        DataDest::Owned(v) => v,
-                        _ => Vec::new(),
-                    };
-                    return Ok(Some(InPdu { bhs, data }));
-                }
+            if !self.read_data()? {
+                return Ok(None);
             }
         }
+        let r = &mut self.recv;
+        r.in_data = false;
+        let bhs = r.cur_bhs;
+        let dest = std::mem::replace(&mut r.dest, DataDest::Discard);
+        if self.data_digest {
+            self.check_data_digest(&bhs, &dest)?;
+        }
+        let data = match dest {
+            DataDest::Owned(v) => v,
+            _ => Vec::new(),
+        };
+        Ok(Some(InPdu { bhs, data }))
     }
 
     /// Reads the rest of the current data segment; true when complete.
