@@ -17,4 +17,6 @@ pub mod chap;
 pub mod digest;
 pub mod params;
 pub mod pdu;
+pub mod session;
+pub mod task;
 pub mod text;

@@ -60,9 +60,9 @@ pub struct OutPdu {
 }
 
 /// Where the data segment of a received PDU goes.
-pub enum RecvPlan<'a> {
-    /// Into these iovecs (guest memory of the task), exactly `len` bytes.
-    Direct(&'a [iovec]),
+pub enum RecvPlan {
+    /// Into these iovecs (guest memory of the task), exactly DataSegmentLength bytes.
+    Direct(Vec<iovec>),
     /// Into an owned buffer returned with the PDU.
     Owned,
     /// Read and throw away (the session refused the PDU; the connection is

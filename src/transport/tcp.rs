@@ -319,9 +319,9 @@ impl TcpConnection {
     /// Receives the next complete PDU without blocking (Ok(None): need more
     /// bytes). `plan` is called once per header with a data segment, to say
     /// where the data goes; a `Direct` plan must cover exactly DataSegmentLength bytes.
-    pub fn recv<'p>(
+    pub fn recv(
         &mut self,
-        plan: &mut dyn FnMut(&[u8; BHS_LEN]) -> RecvPlan<'p>,
+        plan: &mut dyn FnMut(&[u8; BHS_LEN]) -> RecvPlan,
     ) -> Result<Option<InPdu>, TransportError> {
         {
             if !self.recv.in_data {
@@ -399,7 +399,7 @@ impl TcpConnection {
                                 "internal: receive plan covers {covered} of {dsl} bytes"
                             )));
                         }
-                        DataDest::Direct(iov.to_vec())
+                        DataDest::Direct(iov)
                     }
                     RecvPlan::Owned => DataDest::Owned(vec![0u8; dsl as usize]),
                     RecvPlan::Discard => DataDest::Discard,
@@ -619,10 +619,7 @@ mod tests {
         b
     }
 
-    fn recv_wait<'p>(
-        c: &mut TcpConnection,
-        plan: &mut dyn FnMut(&[u8; BHS_LEN]) -> RecvPlan<'p>,
-    ) -> InPdu {
+    fn recv_wait(c: &mut TcpConnection, plan: &mut dyn FnMut(&[u8; BHS_LEN]) -> RecvPlan) -> InPdu {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             if let Some(p) = c.recv(plan).unwrap() {
@@ -690,7 +687,7 @@ mod tests {
         let iov = target.iovecs().to_vec();
         let p = recv_wait(&mut c, &mut |b| {
             assert_eq!(b[0], 0x25);
-            RecvPlan::Direct(&iov)
+            RecvPlan::Direct(iov.clone())
         });
         assert_eq!(p.bhs[0], 0x25);
         let mut back = [0u8; 6];

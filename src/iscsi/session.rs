@@ -1,0 +1,716 @@
+//! An iSCSI session in full feature phase: the command window, the task
+//! table, the data-out machinery (immediate data, unsolicited Data-Out, R2T)
+//! and the handling of every PDU a target sends.
+//!
+//! One session serves one virtqueue and is driven by that queue's worker
+//! thread only: no locks. Anything a target does that the protocol forbids
+//! (an unknown ITT, data beyond a command's buffer, a StatSN out of order, an
+//! R2T beyond the buffer) ends the connection with a log line that says what
+//! was wrong, and every command in flight fails with an error; guest memory
+//! outside the command's own buffer is never touched.
+
+use std::collections::VecDeque;
+use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
+
+use log::{error, info, warn};
+use thiserror::Error;
+
+use super::params::{DigestKind, SessionParams};
+use super::pdu::{
+    serial_ge, serial_gt, serial_le, AsyncEvent, Cdb, DataIn, DataOut, NopIn, NopOut, R2t,
+    ScsiCommand, ScsiResponse, SeqNums, TargetPdu, TaskAttr, RESERVED_TAG, U24,
+};
+use super::task::{DataDir, ScsiCommandReq, Task, TaskTable};
+use crate::transport::tcp::TcpConnection;
+use crate::transport::{OutPdu, PduData, RecvPlan, TransportError, BHS_LEN};
+
+/// Why a command or the session failed.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum SessionError {
+    /// The connection failed or the target broke the protocol.
+    #[error("connection to {portal} lost: {reason}")]
+    ConnectionLost {
+        /// The portal.
+        portal: String,
+        /// What happened.
+        reason: String,
+    },
+    /// The target refused the command (Reject PDU or iSCSI response code).
+    #[error("target {portal} rejected the command: {reason}")]
+    Rejected {
+        /// The portal.
+        portal: String,
+        /// Why.
+        reason: String,
+    },
+    /// The command did not complete in time.
+    #[error("command timed out on {portal}")]
+    Timeout {
+        /// The portal.
+        portal: String,
+    },
+}
+
+/// What a command returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScsiOutcome {
+    /// SCSI status byte (0 = GOOD, 2 = CHECK CONDITION, ...).
+    pub status: u8,
+    /// Sense data (CHECK CONDITION), without the 2-byte length prefix.
+    pub sense: Vec<u8>,
+    /// Residual: positive for underflow (less data moved than expected),
+    /// negative for overflow.
+    pub residual: i64,
+}
+
+/// A finished command.
+#[derive(Debug)]
+pub struct ScsiResult {
+    /// The caller's tag.
+    pub tag: u64,
+    /// The outcome.
+    pub result: Result<ScsiOutcome, SessionError>,
+}
+
+/// Sequence numbers right after login.
+#[derive(Clone, Copy, Debug)]
+pub struct SessionStart {
+    /// First CmdSN to use.
+    pub cmd_sn: u32,
+    /// Next expected StatSN.
+    pub exp_stat_sn: u32,
+    /// MaxCmdSN from the last login response.
+    pub max_cmd_sn: u32,
+}
+
+/// One iSCSI session (one connection, ErrorRecoveryLevel 0).
+pub struct Session {
+    conn: TcpConnection,
+    portal: String,
+    params: SessionParams,
+    cmd_sn: u32,
+    exp_stat_sn: u32,
+    max_cmd_sn: u32,
+    tasks: TaskTable,
+    /// Commands waiting for the CmdSN window or a free slot.
+    waiting: VecDeque<ScsiCommandReq>,
+    failed: Option<SessionError>,
+    /// Results produced outside `poll` (failures), handed out at the next poll.
+    ready: Vec<ScsiResult>,
+}
+
+impl Session {
+    /// A session over a connection that just completed login.
+    pub fn new(mut conn: TcpConnection, params: SessionParams, start: SessionStart) -> Self {
+        conn.set_digests(
+            params.header_digest == DigestKind::Crc32c,
+            params.data_digest == DigestKind::Crc32c,
+        );
+        conn.set_max_recv_data(params.initiator_max_recv_data_segment_length);
+        let portal = conn.addr().to_string();
+        Session {
+            conn,
+            portal,
+            params,
+            cmd_sn: start.cmd_sn,
+            exp_stat_sn: start.exp_stat_sn,
+            max_cmd_sn: start.max_cmd_sn,
+            tasks: TaskTable::default(),
+            waiting: VecDeque::new(),
+            failed: None,
+            ready: Vec::new(),
+        }
+    }
+
+    /// The negotiated parameters.
+    pub fn params(&self) -> &SessionParams {
+        &self.params
+    }
+
+    /// The portal this session is connected to.
+    pub fn portal(&self) -> &str {
+        &self.portal
+    }
+
+    /// The socket, for the worker's epoll.
+    pub fn fd(&self) -> RawFd {
+        self.conn.fd()
+    }
+
+    /// Whether output is waiting for the socket (watch it for writability).
+    pub fn wants_write(&self) -> bool {
+        self.conn.has_pending_output()
+    }
+
+    /// Commands accepted and not yet finished.
+    pub fn in_flight(&self) -> usize {
+        self.tasks.len() + self.waiting.len() + self.ready.len()
+    }
+
+    /// Why the session is down, if it is.
+    pub fn failure(&self) -> Option<&SessionError> {
+        self.failed.as_ref()
+    }
+
+    /// Accepts a command; it goes out at the next [`poll`](Self::poll).
+    pub fn submit(&mut self, req: ScsiCommandReq) {
+        if let Some(e) = &self.failed {
+            self.ready.push(ScsiResult {
+                tag: req.tag,
+                result: Err(e.clone()),
+            });
+            return;
+        }
+        self.waiting.push_back(req);
+    }
+
+    /// Sends what can be sent, receives what has arrived, appends finished commands.
+    pub fn poll(&mut self, done: &mut Vec<ScsiResult>) {
+        done.append(&mut self.ready);
+        if self.failed.is_some() {
+            return;
+        }
+        if let Err(e) = self.poll_inner(done) {
+            self.fail(e, done);
+        }
+    }
+
+    fn poll_inner(&mut self, done: &mut Vec<ScsiResult>) -> Result<(), SessionError> {
+        self.start_waiting();
+        self.flush()?;
+        loop {
+            let got = self.receive_one(done)?;
+            // Responses open the window and R2Ts queue data: send before reading more
+            // so the target is never starved.
+            self.start_waiting();
+            self.flush()?;
+            if !got {
+                return Ok(());
+            }
+        }
+    }
+
+    fn flush(&mut self) -> Result<(), SessionError> {
+        self.conn.flush().map(|_| ()).map_err(|e| self.lost(e))
+    }
+
+    fn lost(&self, e: TransportError) -> SessionError {
+        SessionError::ConnectionLost {
+            portal: self.portal.clone(),
+            reason: e.to_string(),
+        }
+    }
+
+    fn violation(&self, reason: String) -> SessionError {
+        SessionError::ConnectionLost {
+            portal: self.portal.clone(),
+            reason: format!("protocol violation: {reason}"),
+        }
+    }
+
+    /// Fails every command and marks the session down.
+    fn fail(&mut self, e: SessionError, done: &mut Vec<ScsiResult>) {
+        error!(
+            "iSCSI session to {}: {e}; failing {} command(s)",
+            self.portal,
+            self.in_flight()
+        );
+        for t in self.tasks.drain() {
+            done.push(ScsiResult {
+                tag: t.req.tag,
+                result: Err(e.clone()),
+            });
+        }
+        for r in self.waiting.drain(..) {
+            done.push(ScsiResult {
+                tag: r.tag,
+                result: Err(e.clone()),
+            });
+        }
+        self.failed = Some(e);
+    }
+
+    /// Starts waiting commands while the CmdSN window and the task table allow.
+    fn start_waiting(&mut self) {
+        while !self.waiting.is_empty()
+            && serial_le(self.cmd_sn, self.max_cmd_sn)
+            && self.tasks.has_room()
+        {
+            let Some(req) = self.waiting.pop_front() else {
+                break;
+            };
+            self.send_command(req);
+        }
+    }
+
+    fn send_command(&mut self, req: ScsiCommandReq) {
+        let cmd_sn = self.cmd_sn;
+        self.cmd_sn = self.cmd_sn.wrapping_add(1);
+        let len = req.len;
+        let is_write = req.dir == DataDir::Write && len > 0;
+        // Immediate data and unsolicited Data-Out, as negotiated (RFC 7143 §3.2.4.2).
+        let first_burst = if is_write && !(self.params.initial_r2t && !self.params.immediate_data) {
+            len.min(self.params.first_burst_length)
+        } else {
+            0
+        };
+        let max_seg = self.params.target_max_recv_data_segment_length.max(512);
+        let immediate = if is_write && self.params.immediate_data {
+            first_burst.min(max_seg)
+        } else {
+            0
+        };
+        let unsolicited_out = if is_write && !self.params.initial_r2t {
+            first_burst - immediate
+        } else {
+            0
+        };
+        let Some(cdb) = Cdb::new(&req.cdb[..req.cdb_len as usize]).ok() else {
+            self.ready.push(ScsiResult {
+                tag: req.tag,
+                result: Err(SessionError::Rejected {
+                    portal: self.portal.clone(),
+                    reason: "CDB longer than 16 bytes".into(),
+                }),
+            });
+            return;
+        };
+        let task = Task {
+            req,
+            itt: 0,
+            cmd_sn,
+            data_in: 0,
+            exp_data_sn: 0,
+            data_out: (immediate + unsolicited_out) as u64,
+            exp_r2t_sn: 0,
+        };
+        let lun = task.req.lun;
+        let buf = task.req.buf.clone();
+        let offset = task.req.offset;
+        let dir = task.req.dir;
+        let tag = task.req.tag;
+        let Some(itt) = self.tasks.insert(task) else {
+            // has_room() was checked by the caller.
+            warn!("task table full on {}", self.portal);
+            return;
+        };
+        let header = ScsiCommand {
+            immediate: false,
+            final_: unsolicited_out == 0,
+            read: dir == DataDir::Read,
+            write: dir == DataDir::Write,
+            attr: TaskAttr::Simple,
+            ahs_words: 0,
+            data_segment_length: U24::new(immediate).unwrap_or(U24::ZERO),
+            lun,
+            itt,
+            expected_data_transfer_length: len,
+            cmd_sn,
+            exp_stat_sn: self.exp_stat_sn,
+            cdb,
+        };
+        let data = match (&buf, immediate) {
+            (Some(b), n) if n > 0 => PduData::Buffer {
+                buf: b.clone(),
+                offset,
+                len: n,
+            },
+            _ => PduData::None,
+        };
+        let _ = tag;
+        self.conn.queue(OutPdu {
+            bhs: header.encode(),
+            data,
+        });
+        if unsolicited_out > 0 {
+            if let Some(b) = buf {
+                self.queue_data_out(
+                    lun,
+                    itt,
+                    RESERVED_TAG,
+                    &b,
+                    offset,
+                    immediate,
+                    unsolicited_out,
+                );
+            }
+        }
+    }
+
+    /// Queues Data-Out PDUs for `len` bytes at `buf_off` of the task's data
+    /// (one sequence: DataSN from 0, F on the last).
+    #[allow(clippy::too_many_arguments)]
+    fn queue_data_out(
+        &mut self,
+        lun: u64,
+        itt: u32,
+        ttt: u32,
+        buf: &std::sync::Arc<crate::blk::buffer::IoBuffers>,
+        base: u64,
+        buf_off: u32,
+        len: u32,
+    ) {
+        let max_seg = self.params.target_max_recv_data_segment_length.max(512);
+        let mut sent = 0u32;
+        let mut data_sn = 0u32;
+        while sent < len {
+            let n = (len - sent).min(max_seg);
+            let h = DataOut {
+                final_: sent + n == len,
+                data_segment_length: U24::new(n).unwrap_or(U24::ZERO),
+                lun,
+                itt,
+                ttt,
+                exp_stat_sn: self.exp_stat_sn,
+                data_sn,
+                buffer_offset: buf_off + sent,
+            };
+            self.conn.queue(OutPdu {
+                bhs: h.encode(),
+                data: PduData::Buffer {
+                    buf: buf.clone(),
+                    offset: base + (buf_off + sent) as u64,
+                    len: n,
+                },
+            });
+            sent += n;
+            data_sn += 1;
+        }
+    }
+
+    /// Receives and handles one PDU. Returns false when nothing is available.
+    fn receive_one(&mut self, done: &mut Vec<ScsiResult>) -> Result<bool, SessionError> {
+        let tasks = &mut self.tasks;
+        let mut refused: Option<String> = None;
+        let received = {
+            let refused = &mut refused;
+            let mut plan = |bhs: &[u8; BHS_LEN]| -> RecvPlan {
+                // Only Data-In goes straight to guest memory; everything else is small.
+                if bhs[0] & 0x3f != 0x25 {
+                    return RecvPlan::Owned;
+                }
+                let itt = u32::from_be_bytes([bhs[16], bhs[17], bhs[18], bhs[19]]);
+                let offset = u32::from_be_bytes([bhs[40], bhs[41], bhs[42], bhs[43]]) as u64;
+                let dsl = u32::from_be_bytes([0, bhs[5], bhs[6], bhs[7]]) as u64;
+                let Some(task) = tasks.get_mut(itt) else {
+                    *refused = Some(format!("Data-In for unknown task {itt:#010x}"));
+                    return RecvPlan::Discard;
+                };
+                if task.req.dir != DataDir::Read {
+                    *refused = Some(format!("Data-In for non-read task {itt:#010x}"));
+                    return RecvPlan::Discard;
+                }
+                if offset + dsl > task.req.len as u64 {
+                    *refused = Some(format!(
+                        "Data-In of {dsl} bytes at offset {offset} overflows the {}-byte buffer of task {itt:#010x}",
+                        task.req.len
+                    ));
+                    return RecvPlan::Discard;
+                }
+                let Some(buf) = &task.req.buf else {
+                    *refused = Some(format!("Data-In for task {itt:#010x} without a buffer"));
+                    return RecvPlan::Discard;
+                };
+                let mut iov = Vec::with_capacity(4);
+                let covered = buf.iovecs_range(task.req.offset + offset, dsl, &mut iov);
+                if covered != dsl {
+                    *refused = Some(format!("task {itt:#010x} buffer shorter than its length"));
+                    return RecvPlan::Discard;
+                }
+                RecvPlan::Direct(iov)
+            };
+            self.conn.recv(&mut plan)
+        };
+        let pdu = match received {
+            Ok(Some(p)) => p,
+            Ok(None) => return Ok(false),
+            Err(e) => return Err(self.lost(e)),
+        };
+        if let Some(reason) = refused {
+            return Err(self.violation(reason));
+        }
+        let decoded = TargetPdu::decode(&pdu.bhs)
+            .map_err(|e| self.violation(format!("undecodable PDU: {e}")))?;
+        match decoded {
+            TargetPdu::DataIn(d) => self.on_data_in(d, done)?,
+            TargetPdu::ScsiResponse(r) => self.on_response(r, &pdu.data, done)?,
+            TargetPdu::R2t(r) => self.on_r2t(r)?,
+            TargetPdu::NopIn(n) => self.on_nop_in(n, pdu.data)?,
+            TargetPdu::Reject(r) => {
+                self.update_seq(&r.seq, false)?;
+                let itt = pdu
+                    .data
+                    .get(16..20)
+                    .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+                warn!(
+                    "target {} rejected a PDU: {:?} (rejected ITT {:?})",
+                    self.portal, r.reason, itt
+                );
+                if let Some(task) = itt.and_then(|i| self.tasks.remove(i)) {
+                    done.push(ScsiResult {
+                        tag: task.req.tag,
+                        result: Err(SessionError::Rejected {
+                            portal: self.portal.clone(),
+                            reason: format!("{:?}", r.reason),
+                        }),
+                    });
+                } else {
+                    return Err(
+                        self.violation(format!("Reject ({:?}) of a PDU we cannot match", r.reason))
+                    );
+                }
+            }
+            TargetPdu::AsyncMessage(a) => {
+                self.update_seq(&a.seq, true)?;
+                match a.event {
+                    AsyncEvent::ScsiEvent => {
+                        info!(
+                            "target {} sent a SCSI asynchronous event ({} bytes of sense)",
+                            self.portal,
+                            pdu.data.len()
+                        )
+                    }
+                    other => {
+                        return Err(SessionError::ConnectionLost {
+                            portal: self.portal.clone(),
+                            reason: format!("target requested {other:?}"),
+                        })
+                    }
+                }
+            }
+            other => {
+                return Err(self.violation(format!(
+                    "unexpected PDU in full feature phase: {:?}",
+                    opcode_name(&other)
+                )));
+            }
+        }
+        Ok(true)
+    }
+
+    /// Applies StatSN/ExpCmdSN/MaxCmdSN from a target PDU. `status` is true for
+    /// PDUs that carry a StatSN of their own (it must be the next one).
+    fn update_seq(&mut self, seq: &SeqNums, status: bool) -> Result<(), SessionError> {
+        if status {
+            if seq.stat_sn != self.exp_stat_sn {
+                return Err(self.violation(format!(
+                    "StatSN {} out of order (expected {})",
+                    seq.stat_sn, self.exp_stat_sn
+                )));
+            }
+            self.exp_stat_sn = seq.stat_sn.wrapping_add(1);
+        }
+        // RFC 7143 §4.2.2.1: ignore MaxCmdSN < ExpCmdSN - 1; only move forward.
+        if serial_ge(seq.max_cmd_sn, seq.exp_cmd_sn.wrapping_sub(1))
+            && serial_gt(seq.max_cmd_sn, self.max_cmd_sn)
+        {
+            self.max_cmd_sn = seq.max_cmd_sn;
+        }
+        Ok(())
+    }
+
+    fn on_data_in(&mut self, d: DataIn, done: &mut Vec<ScsiResult>) -> Result<(), SessionError> {
+        let portal = self.portal.clone();
+        let dsl = d.data_segment_length.get() as u64;
+        let Some(task) = self.tasks.get_mut(d.itt) else {
+            return Err(self.violation(format!("Data-In for unknown task {:#010x}", d.itt)));
+        };
+        if d.data_sn != task.exp_data_sn {
+            let exp = task.exp_data_sn;
+            return Err(self.violation(format!("Data-In DataSN {} (expected {exp})", d.data_sn)));
+        }
+        task.exp_data_sn = task.exp_data_sn.wrapping_add(1);
+        task.data_in += dsl;
+        if d.status_present {
+            self.update_seq(&d.seq, true)?;
+            let residual = if d.underflow {
+                d.residual_count as i64
+            } else if d.overflow {
+                -(d.residual_count as i64)
+            } else {
+                0
+            };
+            if let Some(task) = self.tasks.remove(d.itt) {
+                done.push(ScsiResult {
+                    tag: task.req.tag,
+                    result: Ok(ScsiOutcome {
+                        status: d.status,
+                        sense: Vec::new(),
+                        residual,
+                    }),
+                });
+            }
+        } else {
+            self.update_seq(&d.seq, false)?;
+        }
+        let _ = portal;
+        Ok(())
+    }
+
+    fn on_response(
+        &mut self,
+        r: ScsiResponse,
+        data: &[u8],
+        done: &mut Vec<ScsiResult>,
+    ) -> Result<(), SessionError> {
+        self.update_seq(&r.seq, true)?;
+        let Some(task) = self.tasks.remove(r.itt) else {
+            return Err(self.violation(format!("SCSI Response for unknown task {:#010x}", r.itt)));
+        };
+        let tag = task.req.tag;
+        if r.response != 0 {
+            done.push(ScsiResult {
+                tag,
+                result: Err(SessionError::Rejected {
+                    portal: self.portal.clone(),
+                    reason: format!("iSCSI response {:#04x} (target failure)", r.response),
+                }),
+            });
+            return Ok(());
+        }
+        // Sense data: 2-byte SenseLength, then the sense bytes.
+        let sense = match data.get(0..2) {
+            Some(l) => {
+                let n = u16::from_be_bytes([l[0], l[1]]) as usize;
+                data.get(2..2 + n)
+                    .map(|s| s.to_vec())
+                    .unwrap_or_else(|| data[2..].to_vec())
+            }
+            None => Vec::new(),
+        };
+        let residual = if r.underflow {
+            r.residual_count as i64
+        } else if r.overflow {
+            -(r.residual_count as i64)
+        } else {
+            0
+        };
+        done.push(ScsiResult {
+            tag,
+            result: Ok(ScsiOutcome {
+                status: r.status,
+                sense,
+                residual,
+            }),
+        });
+        Ok(())
+    }
+
+    fn on_r2t(&mut self, r: R2t) -> Result<(), SessionError> {
+        self.update_seq(&r.seq, false)?;
+        let max_burst = self.params.max_burst_length;
+        let Some(task) = self.tasks.get_mut(r.itt) else {
+            return Err(self.violation(format!("R2T for unknown task {:#010x}", r.itt)));
+        };
+        let end = r.buffer_offset as u64 + r.desired_data_transfer_length as u64;
+        let (len, dir, exp_sn) = (task.req.len, task.req.dir, task.exp_r2t_sn);
+        if dir != DataDir::Write || end > len as u64 {
+            return Err(self.violation(format!(
+                "R2T for {} bytes at offset {} beyond the {len}-byte write of task {:#010x}",
+                r.desired_data_transfer_length, r.buffer_offset, r.itt
+            )));
+        }
+        if r.desired_data_transfer_length > max_burst {
+            return Err(self.violation(format!(
+                "R2T asks for {} bytes, more than MaxBurstLength {max_burst}",
+                r.desired_data_transfer_length
+            )));
+        }
+        if r.r2t_sn != exp_sn {
+            return Err(self.violation(format!("R2TSN {} (expected {exp_sn})", r.r2t_sn)));
+        }
+        task.exp_r2t_sn = task.exp_r2t_sn.wrapping_add(1);
+        task.data_out += r.desired_data_transfer_length as u64;
+        let (lun, base, buf) = (task.req.lun, task.req.offset, task.req.buf.clone());
+        let Some(buf) = buf else {
+            return Err(self.violation("R2T for a task without data".into()));
+        };
+        self.queue_data_out(
+            lun,
+            r.itt,
+            r.ttt,
+            &buf,
+            base,
+            r.buffer_offset,
+            r.desired_data_transfer_length,
+        );
+        Ok(())
+    }
+
+    fn on_nop_in(&mut self, n: NopIn, data: Vec<u8>) -> Result<(), SessionError> {
+        // A NOP-In that answers our ping carries a StatSN of its own only if the ITT is ours.
+        self.update_seq(&n.seq, false)?;
+        if n.ttt != RESERVED_TAG {
+            // The target pings us: answer with its TTT and its data.
+            let h = NopOut {
+                immediate: true,
+                data_segment_length: U24::new(data.len() as u32).unwrap_or(U24::ZERO),
+                lun: n.lun,
+                itt: RESERVED_TAG,
+                ttt: n.ttt,
+                cmd_sn: self.cmd_sn,
+                exp_stat_sn: self.exp_stat_sn,
+            };
+            self.conn.queue(OutPdu {
+                bhs: h.encode(),
+                data: if data.is_empty() {
+                    PduData::None
+                } else {
+                    PduData::Owned(data)
+                },
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs one command to completion, blocking (start-up probes: INQUIRY,
+    /// READ CAPACITY). Other commands may be in flight; their results are kept.
+    pub fn execute(
+        &mut self,
+        req: ScsiCommandReq,
+        timeout: Duration,
+    ) -> Result<ScsiOutcome, SessionError> {
+        let tag = req.tag;
+        self.submit(req);
+        let deadline = Instant::now() + timeout;
+        let mut done = Vec::new();
+        loop {
+            self.poll(&mut done);
+            if let Some(i) = done.iter().position(|r| r.tag == tag) {
+                let r = done.swap_remove(i);
+                self.ready.extend(done);
+                return r.result;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                self.ready.extend(done);
+                return Err(SessionError::Timeout {
+                    portal: self.portal.clone(),
+                });
+            }
+            let mut pfd = libc::pollfd {
+                fd: self.fd(),
+                events: libc::POLLIN | if self.wants_write() { libc::POLLOUT } else { 0 },
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(100) as i32) };
+        }
+    }
+}
+
+fn opcode_name(p: &TargetPdu) -> &'static str {
+    match p {
+        TargetPdu::ScsiResponse(_) => "SCSI Response",
+        TargetPdu::DataIn(_) => "Data-In",
+        TargetPdu::R2t(_) => "R2T",
+        TargetPdu::NopIn(_) => "NOP-In",
+        TargetPdu::LoginResponse(_) => "Login Response",
+        TargetPdu::TextResponse(_) => "Text Response",
+        TargetPdu::LogoutResponse(_) => "Logout Response",
+        TargetPdu::TaskMgmtResponse(_) => "Task Management Response",
+        TargetPdu::Reject(_) => "Reject",
+        TargetPdu::AsyncMessage(_) => "Async Message",
+    }
+}
