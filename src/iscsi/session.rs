@@ -250,7 +250,7 @@ impl Session {
         let len = req.len;
         let is_write = req.dir == DataDir::Write && len > 0;
         // Immediate data and unsolicited Data-Out, as negotiated (RFC 7143 §3.2.4.2).
-        let first_burst = if is_write && !(self.params.initial_r2t && !self.params.immediate_data) {
+        let first_burst = if is_write && (self.params.immediate_data || !self.params.initial_r2t) {
             len.min(self.params.first_burst_length)
         } else {
             0
