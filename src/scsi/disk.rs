@@ -547,7 +547,8 @@ pub struct ProbeCommand {
 /// The outcome of a probe command.
 #[derive(Debug, Clone, Copy)]
 pub enum ProbeResult<'a> {
-    /// GOOD status with the Data-In bytes actually received.
+    /// GOOD status with the Data-In bytes actually received (empty for
+    /// TEST UNIT READY).
     Data(&'a [u8]),
     /// Any other status, with the sense data if it was CHECK CONDITION.
     Failed {

@@ -14,6 +14,8 @@
 //! Every parser treats its input as hostile: short or malformed buffers give
 //! a [`ParseError`], never a panic.
 
+#![warn(missing_docs)]
+
 pub mod capacity;
 pub mod cdb;
 pub mod disk;
