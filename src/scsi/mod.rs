@@ -28,3 +28,4 @@ pub mod status;
 mod wire;
 
 pub use error::{CdbError, ParseError};
+pub mod lun;

@@ -1,0 +1,697 @@
+//! A remote SCSI logical unit as the block target of the virtio-blk device.
+//!
+//! [`ScsiLun`] probes the LUN once (INQUIRY, VPD pages, READ CAPACITY, MODE
+//! SENSE) to describe the device, then gives every virtqueue its own iSCSI
+//! session. [`LunQueue`] turns each block request into SCSI commands: reads
+//! and writes split at the LUN's transfer limit, flush as SYNCHRONIZE CACHE,
+//! discard as UNMAP (or WRITE SAME with UNMAP), write-zeroes as WRITE SAME.
+//! Data never leaves guest memory: the commands point at the request's own
+//! buffers.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use log::{error, info, warn};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use super::cdb::{self, RwFlags, UnmapDescriptor, WriteSameFlags};
+use super::disk::{split_range, LunInfo, LunProber, ProbeResult};
+use super::sense::{classify, SenseAction, SenseData, UnitAttention};
+use super::status::ScsiStatus;
+use crate::blk::buffer::IoBuffers;
+use crate::blk::target::{
+    BlockOp, BlockRequest, BlockStatus, Completion, DeviceInfo, QueueTarget, RangeOpLimits, Target,
+    TargetError,
+};
+use crate::iscsi::session::{ScsiOutcome, ScsiResult, Session, SessionError};
+use crate::iscsi::task::{DataDir, ScsiCommandReq};
+
+/// Opens iSCSI sessions to the LUN's target, one per queue (and again after a
+/// connection is lost).
+pub trait SessionFactory: Send + Sync {
+    /// Logs in a new session for queue `queue`.
+    fn open(&self, queue: usize) -> Result<Session, TargetError>;
+    /// The LUN, SAM-encoded as on the wire.
+    fn lun(&self) -> u64;
+    /// "iqn... lun N at host:port", for log lines.
+    fn describe(&self) -> String;
+}
+
+/// How many times a command is retried after a transient SCSI condition.
+const MAX_RETRIES: u32 = 5;
+/// Start-up probe command timeout.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Least time between two reconnect attempts of one queue.
+const RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A remote LUN as a block [`Target`].
+pub struct ScsiLun {
+    factory: Arc<dyn SessionFactory>,
+    info: Arc<LunInfo>,
+    /// Queue 0's session, opened by the probe and handed over at open_queue(0).
+    first: Mutex<Option<Session>>,
+}
+
+impl ScsiLun {
+    /// Logs in, probes the LUN and keeps the session for queue 0.
+    pub fn open(factory: Arc<dyn SessionFactory>) -> Result<Self, TargetError> {
+        let mut session = factory.open(0)?;
+        let lun = factory.lun();
+        let mut prober = LunProber::new();
+        let mut tag = 0u64;
+        while let Some(cmd) = prober.next_command() {
+            tag += 1;
+            let buf = Arc::new(IoBuffers::from_vec(vec![0u8; cmd.alloc_len as usize]));
+            let mut req = ScsiCommandReq {
+                lun,
+                cdb: cmd.cdb.padded(),
+                cdb_len: cmd.cdb.len() as u8,
+                dir: if cmd.alloc_len > 0 {
+                    DataDir::Read
+                } else {
+                    DataDir::None
+                },
+                buf: Some(buf.clone()),
+                offset: 0,
+                len: cmd.alloc_len,
+                tag,
+            };
+            if cmd.alloc_len == 0 {
+                req.buf = None;
+            }
+            let out = session
+                .execute(req, PROBE_TIMEOUT)
+                .map_err(|e| TargetError::Setup {
+                    context: format!("probing {} ({})", factory.describe(), cmd.step.name()),
+                    source: Box::new(e),
+                })?;
+            let status = ScsiStatus::from_u8(out.status);
+            let result = if status == ScsiStatus::Good {
+                let n = (cmd.alloc_len as i64 - out.residual.max(0)).clamp(0, cmd.alloc_len as i64)
+                    as usize;
+                let mut data = vec![0u8; n];
+                buf.read_at(0, &mut data);
+                prober.complete(ProbeResult::Data(&data))
+            } else {
+                let sense = SenseData::parse(&out.sense).ok();
+                prober.complete(ProbeResult::Failed {
+                    status,
+                    sense: sense.as_ref(),
+                })
+            };
+            result.map_err(|e| TargetError::Setup {
+                context: format!("probing {} ({})", factory.describe(), cmd.step.name()),
+                source: Box::new(e),
+            })?;
+        }
+        let info = prober.finish().map_err(|e| TargetError::Setup {
+            context: format!("probing {}", factory.describe()),
+            source: Box::new(e),
+        })?;
+        info!(
+            "{}: {} {} {}, {} blocks of {} bytes ({} MiB), max transfer {} KiB{}{}{}",
+            factory.describe(),
+            info.vendor,
+            info.product,
+            info.revision,
+            info.num_blocks,
+            info.block_size,
+            info.size_bytes() >> 20,
+            info.max_transfer_bytes >> 10,
+            if info.unmap.is_some() { ", UNMAP" } else { "" },
+            if info.read_only {
+                ", write-protected"
+            } else {
+                ""
+            },
+            if info.write_cache {
+                ", write cache on"
+            } else {
+                ""
+            },
+        );
+        Ok(ScsiLun {
+            factory,
+            info: Arc::new(info),
+            first: Mutex::new(Some(session)),
+        })
+    }
+
+    /// What the probe found.
+    pub fn lun_info(&self) -> &LunInfo {
+        &self.info
+    }
+}
+
+/// Converts the probe's findings into what virtio-blk shows the guest.
+pub fn device_info(info: &LunInfo) -> DeviceInfo {
+    let bs = info.block_size as u64;
+    let to_sectors = |blocks: u64| (blocks * bs / 512).min(u32::MAX as u64) as u32;
+    let discard = if let Some(u) = info.unmap {
+        Some(RangeOpLimits {
+            max_sectors: to_sectors(u.max_blocks as u64),
+            max_segments: u.max_descriptors.clamp(1, 256),
+            alignment_sectors: to_sectors(u.granularity.max(1) as u64),
+        })
+    } else if info.write_same.ws16_unmap {
+        Some(RangeOpLimits {
+            max_sectors: to_sectors(info.write_same.max_blocks),
+            max_segments: 1,
+            alignment_sectors: to_sectors(1),
+        })
+    } else {
+        None
+    };
+    let write_zeroes =
+        (info.write_same.max_reported || info.write_same.ws16_unmap).then(|| RangeOpLimits {
+            max_sectors: to_sectors(info.write_same.max_blocks),
+            max_segments: 1,
+            alignment_sectors: to_sectors(1),
+        });
+    DeviceInfo {
+        capacity_sectors: info.capacity_sectors,
+        logical_block_size: info.block_size,
+        physical_block_exp: info.physical_block_exp,
+        alignment_offset: info.alignment_offset.min(255) as u8,
+        min_io_size: info.min_io_blocks.min(u16::MAX as u32) as u16,
+        opt_io_size: info.opt_io_blocks,
+        discard,
+        write_zeroes,
+        write_zeroes_may_unmap: info.write_same.ws16_unmap,
+        read_only: info.read_only,
+        write_cache: info.write_cache,
+        serial: info.serial.as_bytes().to_vec(),
+    }
+}
+
+impl Target for ScsiLun {
+    fn info(&self) -> DeviceInfo {
+        device_info(&self.info)
+    }
+
+    fn open_queue(&self, index: usize) -> Result<Box<dyn QueueTarget>, TargetError> {
+        let first = if index == 0 {
+            self.first.lock().unwrap_or_else(|e| e.into_inner()).take()
+        } else {
+            None
+        };
+        let session = match first {
+            Some(s) => s,
+            None => self.factory.open(index)?,
+        };
+        Ok(Box::new(LunQueue::new(
+            index,
+            session,
+            self.factory.clone(),
+            self.info.clone(),
+        )?))
+    }
+}
+
+/// A block request split into SCSI commands.
+struct Parent {
+    tag: u64,
+    outstanding: u32,
+    status: BlockStatus,
+    /// Kept so the buffers stay alive until every child is done.
+    _data: Option<Arc<IoBuffers>>,
+}
+
+/// One queue's half: its own session, its own epoll.
+pub struct LunQueue {
+    index: usize,
+    session: Session,
+    factory: Arc<dyn SessionFactory>,
+    info: Arc<LunInfo>,
+    lun: u64,
+    parents: Vec<Option<Parent>>,
+    free: Vec<usize>,
+    /// Commands in flight by child tag: (parent slot, command, retries).
+    children: Vec<Option<(usize, ScsiCommandReq, u32)>>,
+    free_children: Vec<usize>,
+    results: Vec<ScsiResult>,
+    ready: Vec<Completion>,
+    epoll: Epoll,
+    watched_fd: RawFd,
+    watching_out: bool,
+    last_reconnect: Option<Instant>,
+    zero_block: Arc<IoBuffers>,
+}
+
+impl LunQueue {
+    fn new(
+        index: usize,
+        session: Session,
+        factory: Arc<dyn SessionFactory>,
+        info: Arc<LunInfo>,
+    ) -> Result<Self, TargetError> {
+        let setup = |e: std::io::Error| TargetError::Setup {
+            context: format!("queue {index}: cannot create its epoll"),
+            source: Box::new(e),
+        };
+        let epoll = Epoll::new().map_err(setup)?;
+        let fd = session.fd();
+        epoll
+            .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, 0))
+            .map_err(setup)?;
+        let lun = factory.lun();
+        let zero_block = Arc::new(IoBuffers::from_vec(vec![0u8; info.block_size as usize]));
+        Ok(LunQueue {
+            index,
+            session,
+            factory,
+            info,
+            lun,
+            parents: Vec::new(),
+            free: Vec::new(),
+            children: Vec::new(),
+            free_children: Vec::new(),
+            results: Vec::new(),
+            ready: Vec::new(),
+            epoll,
+            watched_fd: fd,
+            watching_out: false,
+            last_reconnect: None,
+            zero_block,
+        })
+    }
+
+    fn new_parent(&mut self, tag: u64, data: Option<Arc<IoBuffers>>) -> usize {
+        let p = Parent {
+            tag,
+            outstanding: 0,
+            status: BlockStatus::Ok,
+            _data: data,
+        };
+        match self.free.pop() {
+            Some(i) => {
+                self.parents[i] = Some(p);
+                i
+            }
+            None => {
+                self.parents.push(Some(p));
+                self.parents.len() - 1
+            }
+        }
+    }
+
+    fn send_child(&mut self, parent: usize, mut req: ScsiCommandReq, retries: u32) {
+        let slot = match self.free_children.pop() {
+            Some(i) => i,
+            None => {
+                self.children.push(None);
+                self.children.len() - 1
+            }
+        };
+        req.tag = slot as u64;
+        self.children[slot] = Some((parent, req.clone(), retries));
+        if let Some(Some(p)) = self.parents.get_mut(parent) {
+            if retries == 0 {
+                p.outstanding += 1;
+            }
+        }
+        self.session.submit(req);
+    }
+
+    fn command(
+        &self,
+        cdb: cdb::Cdb,
+        dir: DataDir,
+        buf: Option<Arc<IoBuffers>>,
+        offset: u64,
+        len: u32,
+    ) -> ScsiCommandReq {
+        ScsiCommandReq {
+            lun: self.lun,
+            cdb: cdb.padded(),
+            cdb_len: cdb.len() as u8,
+            dir,
+            buf,
+            offset,
+            len,
+            tag: 0,
+        }
+    }
+
+    fn finish_parent_now(&mut self, parent: usize, status: BlockStatus) {
+        if let Some(p) = self.parents.get_mut(parent).and_then(Option::take) {
+            self.free.push(parent);
+            self.ready.push(Completion {
+                tag: p.tag,
+                status: if p.status == BlockStatus::Ok {
+                    status
+                } else {
+                    p.status
+                },
+            });
+        }
+    }
+
+    /// Builds the commands for one request; false if it cannot be expressed.
+    fn build(&mut self, parent: usize, req: BlockRequest) -> Result<(), String> {
+        let bs = self.info.block_size as u64;
+        let cdb16 = self.info.cdb16;
+        match req.op {
+            BlockOp::Read | BlockOp::Write { .. } => {
+                let start = req.sector * 512;
+                let len = req.data.len();
+                if !start.is_multiple_of(bs) || !len.is_multiple_of(bs) {
+                    return Err(format!(
+                        "{len} bytes at byte {start} are not aligned to the {bs}-byte block size"
+                    ));
+                }
+                let (dir, fua) = match req.op {
+                    BlockOp::Write { fua } => (DataDir::Write, fua),
+                    _ => (DataDir::Read, false),
+                };
+                let data = Arc::new(req.data);
+                if let Some(Some(p)) = self.parents.get_mut(parent) {
+                    p._data = Some(data.clone());
+                }
+                let chunks = split_range(
+                    start,
+                    len,
+                    self.info.block_size,
+                    self.info.max_transfer_bytes,
+                )
+                .map_err(|e| e.to_string())?;
+                for c in chunks {
+                    let flags = RwFlags { fua, dpo: false };
+                    let cdb = if dir == DataDir::Write {
+                        cdb::write(c.lba, c.blocks, flags, cdb16)
+                    } else {
+                        cdb::read(c.lba, c.blocks, flags, cdb16)
+                    }
+                    .map_err(|e| e.to_string())?;
+                    let cmd = self.command(cdb, dir, Some(data.clone()), c.offset, c.len);
+                    self.send_child(parent, cmd, 0);
+                }
+            }
+            BlockOp::Flush => {
+                let cdb = if cdb16 {
+                    cdb::synchronize_cache16(0, 0)
+                } else {
+                    cdb::synchronize_cache10(0, 0)
+                }
+                .map_err(|e| e.to_string())?;
+                let cmd = self.command(cdb, DataDir::None, None, 0, 0);
+                self.send_child(parent, cmd, 0);
+            }
+            BlockOp::Discard | BlockOp::WriteZeroes { .. } => {
+                let mut descs = Vec::new();
+                for r in &req.ranges {
+                    let start = r.sector * 512;
+                    let len = r.num_sectors as u64 * 512;
+                    if !start.is_multiple_of(bs) || !len.is_multiple_of(bs) {
+                        return Err(format!(
+                            "range of {len} bytes at byte {start} is not block-aligned"
+                        ));
+                    }
+                    descs.push((start / bs, (len / bs) as u32));
+                }
+                let use_unmap = matches!(req.op, BlockOp::Discard) && self.info.unmap.is_some();
+                if use_unmap {
+                    let list: Vec<UnmapDescriptor> = descs
+                        .iter()
+                        .filter(|d| d.1 > 0)
+                        .map(|&(lba, blocks)| UnmapDescriptor { lba, blocks })
+                        .collect();
+                    let limits = self.info.unmap.unwrap_or(super::disk::UnmapLimits {
+                        max_blocks: u32::MAX,
+                        max_descriptors: 1,
+                        granularity: 1,
+                        alignment: None,
+                    });
+                    for group in list.chunks(limits.max_descriptors.max(1) as usize) {
+                        let (cdb, params) = cdb::unmap(group).map_err(|e| e.to_string())?;
+                        let n = params.len() as u32;
+                        let cmd = self.command(
+                            cdb,
+                            DataDir::Write,
+                            Some(Arc::new(IoBuffers::from_vec(params))),
+                            0,
+                            n,
+                        );
+                        self.send_child(parent, cmd, 0);
+                    }
+                } else {
+                    let unmap = match req.op {
+                        BlockOp::Discard => true,
+                        BlockOp::WriteZeroes { unmap } => unmap && self.info.write_same.ws16_unmap,
+                        _ => false,
+                    };
+                    let max = self.info.write_same.max_blocks.clamp(1, u32::MAX as u64);
+                    for (lba, blocks) in descs {
+                        let mut done = 0u64;
+                        while done < blocks as u64 {
+                            let n = (blocks as u64 - done).min(max) as u32;
+                            let cdb = cdb::write_same16(
+                                lba + done,
+                                n,
+                                WriteSameFlags { unmap, ndob: false },
+                            )
+                            .map_err(|e| e.to_string())?;
+                            let cmd = self.command(
+                                cdb,
+                                DataDir::Write,
+                                Some(self.zero_block.clone()),
+                                0,
+                                bs as u32,
+                            );
+                            self.send_child(parent, cmd, 0);
+                            done += n as u64;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Turns a finished command into the parent's status (or a retry).
+    fn on_result(&mut self, r: ScsiResult) {
+        let Some((parent, cmd, retries)) =
+            self.children.get_mut(r.tag as usize).and_then(Option::take)
+        else {
+            warn!("queue {}: result for an unknown command", self.index);
+            return;
+        };
+        self.free_children.push(r.tag as usize);
+        let status = match r.result {
+            Ok(ScsiOutcome {
+                status,
+                sense,
+                residual,
+            }) => {
+                let st = ScsiStatus::from_u8(status);
+                let parsed = SenseData::parse(&sense).ok();
+                match classify(st, parsed.as_ref()) {
+                    SenseAction::Success if residual == 0 => BlockStatus::Ok,
+                    SenseAction::Success => {
+                        warn!(
+                            "queue {}: {} moved {} bytes less than asked ({} residual)",
+                            self.index,
+                            cdb::opcode_name(cmd.cdb[0]),
+                            residual,
+                            residual
+                        );
+                        BlockStatus::IoError
+                    }
+                    SenseAction::Retry | SenseAction::RetryAfterUnitAttention(_)
+                        if retries < MAX_RETRIES =>
+                    {
+                        if let Some(SenseAction::RetryAfterUnitAttention(
+                            UnitAttention::CapacityChanged,
+                        )) = parsed.as_ref().map(|s| s.action())
+                        {
+                            warn!("queue {}: the LUN's capacity changed; the guest keeps the old size", self.index);
+                        }
+                        info!(
+                            "queue {}: retrying {} after {}{}",
+                            self.index,
+                            cdb::opcode_name(cmd.cdb[0]),
+                            st.name(),
+                            parsed.map(|s| format!(": {s}")).unwrap_or_default()
+                        );
+                        self.send_child(parent, cmd, retries + 1);
+                        return;
+                    }
+                    SenseAction::Unsupported => {
+                        warn!(
+                            "queue {}: target does not support {}{}",
+                            self.index,
+                            cdb::opcode_name(cmd.cdb[0]),
+                            parsed.map(|s| format!(" ({s})")).unwrap_or_default()
+                        );
+                        BlockStatus::Unsupported
+                    }
+                    action => {
+                        error!(
+                            "queue {}: {} failed with {}{} ({action:?})",
+                            self.index,
+                            cdb::opcode_name(cmd.cdb[0]),
+                            st.name(),
+                            parsed.map(|s| format!(": {s}")).unwrap_or_default()
+                        );
+                        BlockStatus::IoError
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(
+                    "queue {}: {} failed: {e}",
+                    self.index,
+                    cdb::opcode_name(cmd.cdb[0])
+                );
+                BlockStatus::IoError
+            }
+        };
+        let Some(Some(p)) = self.parents.get_mut(parent) else {
+            return;
+        };
+        if status != BlockStatus::Ok && p.status == BlockStatus::Ok {
+            p.status = status;
+        }
+        p.outstanding = p.outstanding.saturating_sub(1);
+        if p.outstanding == 0 {
+            self.finish_parent_now(parent, BlockStatus::Ok);
+        }
+    }
+
+    /// After a lost connection: log in again (at most once a second).
+    fn maybe_reconnect(&mut self) {
+        if self.session.failure().is_none() {
+            return;
+        }
+        if self
+            .last_reconnect
+            .is_some_and(|t| t.elapsed() < RECONNECT_INTERVAL)
+        {
+            return;
+        }
+        self.last_reconnect = Some(Instant::now());
+        match self.factory.open(self.index) {
+            Ok(s) => {
+                if self.watched_fd >= 0 {
+                    let _ = self.epoll.ctl(
+                        ControlOperation::Delete,
+                        self.watched_fd,
+                        EpollEvent::default(),
+                    );
+                }
+                self.watched_fd = s.fd();
+                self.watching_out = false;
+                if let Err(e) = self.epoll.ctl(
+                    ControlOperation::Add,
+                    self.watched_fd,
+                    EpollEvent::new(EventSet::IN, 0),
+                ) {
+                    error!("queue {}: cannot watch the new connection: {e}", self.index);
+                }
+                info!(
+                    "queue {}: reconnected to {}",
+                    self.index,
+                    self.factory.describe()
+                );
+                self.session = s;
+            }
+            Err(e) => warn!(
+                "queue {}: reconnect to {} failed: {e}",
+                self.index,
+                self.factory.describe()
+            ),
+        }
+    }
+
+    fn update_interest(&mut self) {
+        if self.session.failure().is_some() {
+            // A dead socket stays readable (EOF): stop watching it, or the
+            // worker would spin.
+            if self.watched_fd >= 0 {
+                let _ = self.epoll.ctl(
+                    ControlOperation::Delete,
+                    self.watched_fd,
+                    EpollEvent::default(),
+                );
+                self.watched_fd = -1;
+            }
+            return;
+        }
+        let want = self.session.wants_write();
+        if want != self.watching_out {
+            let ev = if want {
+                EventSet::IN | EventSet::OUT
+            } else {
+                EventSet::IN
+            };
+            if let Err(e) = self.epoll.ctl(
+                ControlOperation::Modify,
+                self.watched_fd,
+                EpollEvent::new(ev, 0),
+            ) {
+                error!("queue {}: epoll update failed: {e}", self.index);
+            }
+            self.watching_out = want;
+        }
+    }
+}
+
+impl QueueTarget for LunQueue {
+    fn submit(&mut self, tag: u64, req: BlockRequest) {
+        self.maybe_reconnect();
+        let parent = self.new_parent(tag, None);
+        if let Err(why) = self.build(parent, req) {
+            warn!("queue {}: cannot map request to SCSI: {why}", self.index);
+            if let Some(Some(p)) = self.parents.get_mut(parent) {
+                p.status = BlockStatus::IoError;
+            }
+        }
+        if let Some(Some(p)) = self.parents.get(parent) {
+            if p.outstanding == 0 {
+                self.finish_parent_now(parent, BlockStatus::Ok);
+            }
+        }
+    }
+
+    fn poll(&mut self, done: &mut Vec<Completion>) {
+        let mut results = std::mem::take(&mut self.results);
+        self.session.poll(&mut results);
+        for r in results.drain(..) {
+            self.on_result(r);
+        }
+        // Retries queued during on_result go out now.
+        self.session.poll(&mut results);
+        for r in results.drain(..) {
+            self.on_result(r);
+        }
+        self.results = results;
+        self.update_interest();
+        done.append(&mut self.ready);
+    }
+
+    fn event_fd(&self) -> Option<RawFd> {
+        Some(self.epoll.as_raw_fd())
+    }
+
+    fn in_flight(&self) -> usize {
+        self.parents.len() - self.free.len()
+    }
+}
+
+impl Drop for LunQueue {
+    fn drop(&mut self) {
+        let n = self.in_flight();
+        if n > 0 {
+            warn!("queue {}: dropped with {n} requests in flight", self.index);
+        }
+    }
+}
+
+/// The session-level error for a failed open, as a target error.
+pub fn open_error(what: String, e: SessionError) -> TargetError {
+    TargetError::Setup {
+        context: what,
+        source: Box::new(e),
+    }
+}
