@@ -20,3 +20,4 @@ pub mod pdu;
 pub mod session;
 pub mod task;
 pub mod text;
+pub mod url;
