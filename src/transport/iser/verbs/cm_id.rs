@@ -352,6 +352,8 @@ impl ConnParam {
 pub struct CmId {
     inner: Arc<IdInner>,
     peer: String,
+    /// `rdma_disconnect` was called (DREQ sent, or DREP for a peer's DREQ).
+    disconnect_sent: bool,
 }
 
 impl std::fmt::Debug for CmId {
@@ -459,6 +461,7 @@ impl CmId {
         let id = CmId {
             inner,
             peer: dst.to_string(),
+            disconnect_sent: false,
         };
         let mut ss = sockaddr_from(&dst);
         // SAFETY: id is live; ss is a valid sockaddr for the call (the CM
@@ -658,25 +661,38 @@ impl CmId {
         Ok(())
     }
 
-    /// Starts an orderly disconnect (the QP moves to the error state, posted
-    /// work requests complete with flush errors). The DISCONNECTED event
-    /// follows; see [`CmId::wait_disconnected`].
+    /// Starts an orderly disconnect (sends a DREQ; the QP moves to the error
+    /// state and posted work requests complete with flush errors), or, after
+    /// the peer disconnected, answers its DREQ with a DREP. The
+    /// DISCONNECTED event follows; see [`CmId::wait_disconnected`].
+    ///
+    /// A peer-initiated disconnect must be answered with this call (or
+    /// [`CmId::wait_disconnected`], which does it): until then the peer
+    /// waits for the DREP and only sees DISCONNECTED after its CM timeout.
     pub fn disconnect(&mut self) -> Result<()> {
         // SAFETY: id is live.
         if unsafe { rdma_disconnect(self.inner.id) } != 0 {
             return Err(last_err("rdma_disconnect"));
         }
+        self.disconnect_sent = true;
         Ok(())
     }
 
-    /// Waits for the DISCONNECTED event (ignoring TIMEWAIT_EXIT).
+    /// Waits for the DISCONNECTED event (ignoring TIMEWAIT_EXIT). When the
+    /// peer started the disconnect, answers it (DREP) so the peer is not
+    /// left waiting.
     pub fn wait_disconnected(&mut self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let ev = self.wait_for("disconnection", left)?;
             match ev.kind {
-                CmEventKind::Disconnected => return Ok(()),
+                CmEventKind::Disconnected => {
+                    if !self.disconnect_sent {
+                        self.disconnect()?;
+                    }
+                    return Ok(());
+                }
                 CmEventKind::TimewaitExit => continue,
                 other => return Err(unexpected("RDMA_CM_EVENT_DISCONNECTED", other, &ev)),
             }
@@ -813,6 +829,7 @@ impl Listener {
             let mut id = CmId {
                 inner,
                 peer: String::new(),
+                disconnect_sent: false,
             };
             id.peer = id
                 .peer_addr()
