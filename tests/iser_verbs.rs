@@ -78,7 +78,10 @@ fn rdma_vm_suite() {
         .status()
         .expect("spawn the RDMA VM runner");
     eprintln!("RDMA VM run took {:?}", start.elapsed());
-    assert!(status.success(), "tests inside the RDMA VM failed: {status}");
+    assert!(
+        status.success(),
+        "tests inside the RDMA VM failed: {status}"
+    );
 }
 
 /// Waits for the next completion on `cq` using the completion channel fd in
@@ -327,8 +330,7 @@ fn vm_loopback_send_write_read() {
         s.rdma_roundtrip(&peer, &a2, &b2, b"");
         // (rdma_roundtrip sent an empty text; now the real PONG + advert)
         let len = s.stage(&s.advert(), b"PONG");
-        s.qp
-            .post_send(13, &[s.pool.sge(SEND, len).unwrap()], true)
+        s.qp.post_send(13, &[s.pool.sge(SEND, len).unwrap()], true)
             .unwrap();
         expect_ok(&next_wc(&s.scq, T), 13, WcOpcode::Send);
         // 3. DONE after the client's RDMA write of D into our EXPOSE_WRITE
@@ -449,9 +451,18 @@ struct LoginResponse {
 
 fn parse_login_response(msg: &[u8], itt: u32) -> LoginResponse {
     let hdr = ControlHeader::decode(msg).unwrap();
-    assert_eq!(hdr, ControlHeader::default(), "target sent STags in a login response");
+    assert_eq!(
+        hdr,
+        ControlHeader::default(),
+        "target sent STags in a login response"
+    );
     let bhs = &msg[CONTROL_HEADER_LEN..CONTROL_HEADER_LEN + 48];
-    assert_eq!(bhs[0] & 0x3f, 0x23, "not a Login Response: {:02x?}", &bhs[..8]);
+    assert_eq!(
+        bhs[0] & 0x3f,
+        0x23,
+        "not a Login Response: {:02x?}",
+        &bhs[..8]
+    );
     assert_eq!(u32::from_be_bytes(bhs[16..20].try_into().unwrap()), itt);
     let dlen = u32::from_be_bytes([0, bhs[5], bhs[6], bhs[7]]) as usize;
     let data = &msg[CONTROL_HEADER_LEN + 48..CONTROL_HEADER_LEN + 48 + dlen];
@@ -521,8 +532,10 @@ fn tgtd_login(security_keys: &str) -> LoginResponse {
     let r0 = pool.take().unwrap();
     let r1 = pool.take().unwrap();
     let sbuf = pool.take().unwrap();
-    qp.post_recv(r0 as u64, &[pool.sge(r0, RBUF).unwrap()]).unwrap();
-    qp.post_recv(r1 as u64, &[pool.sge(r1, RBUF).unwrap()]).unwrap();
+    qp.post_recv(r0 as u64, &[pool.sge(r0, RBUF).unwrap()])
+        .unwrap();
+    qp.post_recv(r1 as u64, &[pool.sge(r1, RBUF).unwrap()])
+        .unwrap();
     let mut id = id;
     let rep = id
         .connect(
@@ -568,7 +581,11 @@ fn tgtd_login(security_keys: &str) -> LoginResponse {
     };
     // Security stage → operational, no authentication.
     let rsp = exchange(1, 0, 1, 0, security_keys, r0);
-    assert_eq!(rsp.flags & 0x8f, 0x81, "expected Transit security → operational");
+    assert_eq!(
+        rsp.flags & 0x8f,
+        0x81,
+        "expected Transit security → operational"
+    );
     // Operational stage → full feature, with the iSER keys (RFC 7145 §6).
     // tgtd may answer without Transit, offering keys of its own (it forces
     // ImmediateData=No on iSER): echo them back until it transits.
@@ -582,7 +599,11 @@ fn tgtd_login(security_keys: &str) -> LoginResponse {
         let rsp = exchange(1, 1, 3, stat_sn.wrapping_add(1), &keys, rbuf);
         all_text.push_str(&rsp.text);
         if rsp.flags & 0x80 != 0 {
-            assert_eq!(rsp.flags & 0x8f, 0x87, "expected Transit operational → full feature");
+            assert_eq!(
+                rsp.flags & 0x8f,
+                0x87,
+                "expected Transit operational → full feature"
+            );
             break;
         }
         // Re-post the consumed buffer, answer the keys the target offered.

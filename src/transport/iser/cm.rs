@@ -117,6 +117,12 @@ mod tests {
         assert_eq!(CmHdr::decode(&[0x80, 0]), Err(CmHdrError::Truncated(2)));
         // Reserved bits ignored.
         let h = CmHdr::decode(&[0x3f, 0xff, 0xff, 0xff]).unwrap().unwrap();
-        assert_eq!(h, CmHdr { zbva_not_supported: false, send_w_inv_not_supported: false });
+        assert_eq!(
+            h,
+            CmHdr {
+                zbva_not_supported: false,
+                send_w_inv_not_supported: false
+            }
+        );
     }
 }

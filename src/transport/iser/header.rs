@@ -46,7 +46,9 @@ pub enum HeaderError {
         got: usize,
     },
     /// The opcode nibble is not one RFC 7145 defines.
-    #[error("iSER header has unknown opcode {0:#x} (expected 0x1 control, 0x2 Hello or 0x3 HelloReply)")]
+    #[error(
+        "iSER header has unknown opcode {0:#x} (expected 0x1 control, 0x2 Hello or 0x3 HelloReply)"
+    )]
     BadOpcode(u8),
     /// A reserved field is not zero.
     #[error("iSER {what} header has non-zero reserved bits (byte {byte} = {value:#04x})")]
@@ -295,7 +297,9 @@ impl Message {
     /// Decodes whichever message `buf` starts with; returns it with the
     /// number of bytes its header occupies.
     pub fn decode(buf: &[u8]) -> Result<(Self, usize), HeaderError> {
-        let first = *buf.first().ok_or(HeaderError::Truncated { need: 1, got: 0 })?;
+        let first = *buf
+            .first()
+            .ok_or(HeaderError::Truncated { need: 1, got: 0 })?;
         Ok(match Opcode::from_byte(first)? {
             Opcode::Control => (
                 Message::Control(ControlHeader::decode(buf)?),
@@ -394,7 +398,10 @@ mod tests {
         assert_eq!(&b[4..8], &[0x11, 0x22, 0x33, 0x44]);
         assert_eq!(&b[8..16], &[1, 2, 3, 4, 5, 6, 7, 8]);
         assert_eq!(&b[16..20], &[0xaa, 0xbb, 0xcc, 0xdd]);
-        assert_eq!(&b[20..28], &[0xf0, 0xe0, 0xd0, 0xc0, 0xb0, 0xa0, 0x90, 0x80]);
+        assert_eq!(
+            &b[20..28],
+            &[0xf0, 0xe0, 0xd0, 0xc0, 0xb0, 0xa0, 0x90, 0x80]
+        );
         assert_eq!(ControlHeader::decode(&b).unwrap(), h);
     }
 
@@ -541,7 +548,15 @@ mod tests {
             Err(HeaderError::BadVersion { .. })
         ));
         assert!(matches!(
-            HelloReply::decode(&Hello { max_ver: 1, min_ver: 1, ird: 1 }.encode().unwrap()),
+            HelloReply::decode(
+                &Hello {
+                    max_ver: 1,
+                    min_ver: 1,
+                    ird: 1
+                }
+                .encode()
+                .unwrap()
+            ),
             Err(HeaderError::UnexpectedOpcode { got: 2, .. })
         ));
     }

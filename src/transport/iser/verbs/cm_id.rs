@@ -516,7 +516,9 @@ impl CmId {
             return Ok(String::new());
         }
         // SAFETY: non-NULL, NUL-terminated.
-        Ok(unsafe { CStr::from_ptr(name) }.to_string_lossy().into_owned())
+        Ok(unsafe { CStr::from_ptr(name) }
+            .to_string_lossy()
+            .into_owned())
     }
 
     /// Capabilities of the device this id is bound to.
@@ -773,8 +775,7 @@ impl Listener {
         let inner = new_id(Channel::new()?)?;
         let mut ss = sockaddr_from(&addr);
         // SAFETY: id is live; ss is a valid sockaddr (copied by the CM).
-        if unsafe { rdma_bind_addr(inner.id, (&mut ss as *mut libc::sockaddr_storage).cast()) }
-            != 0
+        if unsafe { rdma_bind_addr(inner.id, (&mut ss as *mut libc::sockaddr_storage).cast()) } != 0
         {
             return Err(last_err("rdma_bind_addr"));
         }
@@ -930,8 +931,8 @@ mod tests {
         if !super::super::device_names().is_empty() {
             return; // a host with RDMA: covered by the VM tests instead
         }
-        let err = CmId::resolve("10.99.0.1:3260".parse().unwrap(), Duration::from_secs(1))
-            .unwrap_err();
+        let err =
+            CmId::resolve("10.99.0.1:3260".parse().unwrap(), Duration::from_secs(1)).unwrap_err();
         assert!(matches!(err, VerbsError::NoDevice { .. }), "{err}");
         let err = Listener::bind("10.99.0.1:0".parse().unwrap(), 1).unwrap_err();
         assert!(err.to_string().contains("rdma_rxe/mlx5"), "{err}");

@@ -400,8 +400,14 @@ mod tests {
     #[test]
     fn status_names_are_readable() {
         assert_eq!(WcStatus::SUCCESS.name(), "success");
-        assert!(WcStatus::WR_FLUSH_ERR.name().to_lowercase().contains("flush"));
-        assert!(WcStatus::RETRY_EXC_ERR.to_string().to_lowercase().contains("retry"));
+        assert!(WcStatus::WR_FLUSH_ERR
+            .name()
+            .to_lowercase()
+            .contains("flush"));
+        assert!(WcStatus::RETRY_EXC_ERR
+            .to_string()
+            .to_lowercase()
+            .contains("retry"));
         assert!(WcStatus(9999).to_string().contains("9999"));
         assert_eq!(WcOpcode::from_raw(4242), WcOpcode::Other(4242));
     }

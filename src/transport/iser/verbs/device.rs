@@ -2,7 +2,7 @@
 
 use super::{last_err, Result, VerbsError};
 use rdma_sys::{
-    ibv_device_attr, ibv_free_device_list, ibv_get_device_list, ibv_get_device_name, ibv_context,
+    ibv_context, ibv_device_attr, ibv_free_device_list, ibv_get_device_list, ibv_get_device_name,
     ibv_query_device,
 };
 use std::ffi::CStr;
@@ -30,7 +30,11 @@ pub fn device_names() -> Vec<String> {
         let name = unsafe { ibv_get_device_name(dev) };
         if !name.is_null() {
             // SAFETY: non-NULL, NUL-terminated (see above).
-            names.push(unsafe { CStr::from_ptr(name) }.to_string_lossy().into_owned());
+            names.push(
+                unsafe { CStr::from_ptr(name) }
+                    .to_string_lossy()
+                    .into_owned(),
+            );
         }
     }
     // SAFETY: list came from ibv_get_device_list and is freed once.

@@ -9,7 +9,10 @@
 use super::cm_id::IdInner;
 use super::qp::Sge;
 use super::{last_err, Result, VerbsError};
-use rdma_sys::{ibv_access_flags, ibv_alloc_pd, ibv_context, ibv_dealloc_pd, ibv_dereg_mr, ibv_mr, ibv_pd, ibv_reg_mr};
+use rdma_sys::{
+    ibv_access_flags, ibv_alloc_pd, ibv_context, ibv_dealloc_pd, ibv_dereg_mr, ibv_mr, ibv_pd,
+    ibv_reg_mr,
+};
 use std::alloc::Layout;
 use std::fmt;
 use std::ops::BitOr;
@@ -191,11 +194,9 @@ impl MemoryRegion {
 
     /// An SGE for `len` bytes at `offset` into the region, bounds checked.
     pub fn sge(&self, offset: usize, len: usize) -> Result<Sge> {
-        let end = offset.checked_add(len).filter(|&e| e <= self.len());
-        let len32 = u32::try_from(len).ok();
-        match (end, len32) {
-            (Some(_), Some(l)) => Ok(Sge::new(self.addr() + offset as u64, l, self.lkey())),
-            _ => Err(VerbsError::InvalidArgument(format!(
+        match range_in(self.len(), offset, len) {
+            Some(l) => Ok(Sge::new(self.addr() + offset as u64, l, self.lkey())),
+            None => Err(VerbsError::InvalidArgument(format!(
                 "SGE {offset}+{len} outside memory region of {} bytes",
                 self.len()
             ))),
@@ -252,6 +253,29 @@ impl fmt::Debug for RegisteredPool {
 }
 
 const PAGE: usize = 4096;
+
+/// `len` as u32 if `offset..offset+len` lies inside a region of `total`
+/// bytes (an SGE length is 32 bits).
+fn range_in(total: usize, offset: usize, len: usize) -> Option<u32> {
+    offset.checked_add(len).filter(|&e| e <= total)?;
+    u32::try_from(len).ok()
+}
+
+/// Byte offset of `offset..offset+len` inside buffer `idx` of a pool of
+/// `count` buffers of `buf_size` bytes, if it fits that buffer.
+fn pool_offset(
+    count: usize,
+    buf_size: usize,
+    idx: usize,
+    offset: usize,
+    len: usize,
+) -> Option<usize> {
+    if idx >= count {
+        return None;
+    }
+    offset.checked_add(len).filter(|&e| e <= buf_size)?;
+    idx.checked_mul(buf_size)?.checked_add(offset)
+}
 
 impl RegisteredPool {
     /// Allocates `count` zeroed buffers of `buf_size` bytes and registers
@@ -348,15 +372,12 @@ impl RegisteredPool {
         if idx >= self.count {
             return Err(self.bad_index(idx));
         }
-        if offset.checked_add(len).is_none_or(|e| e > self.buf_size) {
-            return Err(VerbsError::InvalidArgument(format!(
+        pool_offset(self.count, self.buf_size, idx, offset, len).ok_or_else(|| {
+            VerbsError::InvalidArgument(format!(
                 "range {offset}+{len} outside pool buffer of {} bytes",
                 self.buf_size
-            )));
-        }
-        // idx < count and offset+len <= buf_size, so this cannot overflow
-        // (count * buf_size was checked at construction).
-        Ok(idx * self.buf_size + offset)
+            ))
+        })
     }
 
     /// Device address of buffer `idx` (what goes into an iSER header VA).
@@ -391,7 +412,9 @@ impl RegisteredPool {
     pub fn read(&self, idx: usize, offset: usize, out: &mut [u8]) -> Result<()> {
         let off = self.check(idx, offset, out.len())?;
         // SAFETY: as in write.
-        unsafe { std::ptr::copy_nonoverlapping(self.mem.ptr.add(off), out.as_mut_ptr(), out.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.mem.ptr.add(off), out.as_mut_ptr(), out.len())
+        };
         Ok(())
     }
 
@@ -400,5 +423,38 @@ impl RegisteredPool {
         let mut v = vec![0u8; len];
         self.read(idx, offset, &mut v)?;
         Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_offsets_are_bounded() {
+        assert_eq!(pool_offset(4, 100, 0, 0, 100), Some(0));
+        assert_eq!(pool_offset(4, 100, 3, 10, 90), Some(310));
+        assert_eq!(pool_offset(4, 100, 3, 10, 91), None);
+        assert_eq!(pool_offset(4, 100, 4, 0, 0), None);
+        assert_eq!(pool_offset(4, 100, 1, usize::MAX, 1), None);
+        assert_eq!(pool_offset(usize::MAX, usize::MAX, 2, 0, 0), None);
+    }
+
+    #[test]
+    fn sge_ranges_are_bounded() {
+        assert_eq!(range_in(4096, 0, 4096), Some(4096));
+        assert_eq!(range_in(4096, 4000, 96), Some(96));
+        assert_eq!(range_in(4096, 4000, 97), None);
+        assert_eq!(range_in(usize::MAX, 0, 1 << 32), None); // SGE length is 32-bit
+        assert_eq!(range_in(10, usize::MAX, 2), None);
+    }
+
+    #[test]
+    fn access_flags_match_verbs() {
+        assert_eq!(Access::ISER_DATA.bits(), 1 | 2 | 4);
+        assert_eq!(
+            (Access::LOCAL_WRITE | Access::REMOTE_READ | Access::REMOTE_WRITE),
+            Access::ISER_DATA
+        );
     }
 }
