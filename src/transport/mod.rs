@@ -13,6 +13,7 @@ use thiserror::Error;
 
 use crate::blk::buffer::IoBuffers;
 
+pub mod iser;
 pub mod tcp;
 
 /// Length of the Basic Header Segment.
