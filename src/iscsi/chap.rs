@@ -236,7 +236,11 @@ pub fn decode_binary(key: &'static str, v: &str) -> Result<Vec<u8>, ChapError> {
         if h.is_empty() || h.len() > MAX_BINARY_LEN * 2 {
             return Err(bad());
         }
-        let digits: Vec<u8> = h.bytes().map(hex_val).collect::<Option<_>>().ok_or_else(bad)?;
+        let digits: Vec<u8> = h
+            .bytes()
+            .map(hex_val)
+            .collect::<Option<_>>()
+            .ok_or_else(bad)?;
         let mut out = Vec::with_capacity(digits.len().div_ceil(2));
         let mut iter = digits.iter();
         if digits.len() % 2 == 1 {
@@ -324,7 +328,10 @@ mod tests {
         assert!(s.ct_eq(&secret("0123456789abcdef")));
         std::fs::write(&p, b"0123456789ab\n\n").unwrap();
         let s = ChapSecret::from_file(&p).unwrap();
-        assert!(s.ct_eq(&secret("0123456789ab\n")), "only one newline trimmed");
+        assert!(
+            s.ct_eq(&secret("0123456789ab\n")),
+            "only one newline trimmed"
+        );
         assert!(ChapSecret::from_file(&dir.path().join("missing")).is_err());
     }
 
@@ -341,7 +348,10 @@ mod tests {
 
     #[test]
     fn binary_encodings() {
-        assert_eq!(decode_binary("CHAP_C", "0x0102ff").unwrap(), vec![1, 2, 255]);
+        assert_eq!(
+            decode_binary("CHAP_C", "0x0102ff").unwrap(),
+            vec![1, 2, 255]
+        );
         assert_eq!(decode_binary("CHAP_C", "0XABC").unwrap(), vec![0x0a, 0xbc]);
         assert_eq!(decode_binary("CHAP_C", "0bAQL/").unwrap(), vec![1, 2, 255]);
         assert!(decode_binary("CHAP_C", "0x").is_err());

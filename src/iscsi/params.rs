@@ -280,7 +280,10 @@ impl ParamOffer {
             return bad("digest lists must not be empty".into());
         }
         for (name, v) in [
-            ("MaxRecvDataSegmentLength", self.max_recv_data_segment_length),
+            (
+                "MaxRecvDataSegmentLength",
+                self.max_recv_data_segment_length,
+            ),
             ("MaxBurstLength", self.max_burst_length),
             ("FirstBurstLength", self.first_burst_length),
         ] {
@@ -298,12 +301,17 @@ impl ParamOffer {
             return bad("DefaultTime2Wait/Retain must be at most 3600".into());
         }
         if let Some(i) = &self.iser {
-            for v in [Some(i.initiator_recv_data_segment_length), i.target_recv_data_segment_length]
-                .into_iter()
-                .flatten()
+            for v in [
+                Some(i.initiator_recv_data_segment_length),
+                i.target_recv_data_segment_length,
+            ]
+            .into_iter()
+            .flatten()
             {
                 if !(MIN_SEGMENT_LEN..=MAX_SEGMENT_LEN).contains(&v) {
-                    return bad(format!("iSER data segment length {v} is outside 512..16777215"));
+                    return bad(format!(
+                        "iSER data segment length {v} is outside 512..16777215"
+                    ));
                 }
             }
         }
@@ -403,13 +411,28 @@ impl Negotiation {
                 ("InitialR2T".into(), yes_no(offer.initial_r2t).into()),
                 ("ImmediateData".into(), yes_no(offer.immediate_data).into()),
                 ("MaxBurstLength".into(), offer.max_burst_length.to_string()),
-                ("FirstBurstLength".into(), offer.first_burst_length.to_string()),
-                ("MaxOutstandingR2T".into(), offer.max_outstanding_r2t.to_string()),
+                (
+                    "FirstBurstLength".into(),
+                    offer.first_burst_length.to_string(),
+                ),
+                (
+                    "MaxOutstandingR2T".into(),
+                    offer.max_outstanding_r2t.to_string(),
+                ),
                 ("MaxConnections".into(), "1".into()),
-                ("DefaultTime2Wait".into(), offer.default_time2wait.to_string()),
-                ("DefaultTime2Retain".into(), offer.default_time2retain.to_string()),
+                (
+                    "DefaultTime2Wait".into(),
+                    offer.default_time2wait.to_string(),
+                ),
+                (
+                    "DefaultTime2Retain".into(),
+                    offer.default_time2retain.to_string(),
+                ),
                 ("ErrorRecoveryLevel".into(), "0".into()),
-                ("DataPDUInOrder".into(), yes_no(offer.data_pdu_in_order).into()),
+                (
+                    "DataPDUInOrder".into(),
+                    yes_no(offer.data_pdu_in_order).into(),
+                ),
                 (
                     "DataSequenceInOrder".into(),
                     yes_no(offer.data_sequence_in_order).into(),
@@ -806,7 +829,12 @@ mod tests {
     fn initial_pairs_cover_offer() {
         let n = normal();
         let pairs = n.initial_pairs();
-        let get = |k: &str| pairs.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+        let get = |k: &str| {
+            pairs
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+        };
         assert_eq!(get("ImmediateData").as_deref(), Some("Yes"));
         assert_eq!(get("InitialR2T").as_deref(), Some("No"));
         assert_eq!(get("MaxBurstLength").as_deref(), Some("1048576"));
@@ -948,10 +976,7 @@ mod tests {
         let mut n = normal();
         n.handle("MaxBurstLength", "4096").unwrap();
         n.handle("FirstBurstLength", "8192").unwrap();
-        assert!(matches!(
-            n.finish(),
-            Err(NegotiationError::Inconsistent(_))
-        ));
+        assert!(matches!(n.finish(), Err(NegotiationError::Inconsistent(_))));
     }
 
     #[test]

@@ -223,7 +223,9 @@ impl Cdb {
     /// The CDB bytes as given (a decoded CDB is always 16 bytes long, as the
     /// wire does not carry the CDB length).
     pub fn as_slice(&self) -> &[u8] {
-        self.bytes.get(..usize::from(self.len)).unwrap_or(&self.bytes)
+        self.bytes
+            .get(..usize::from(self.len))
+            .unwrap_or(&self.bytes)
     }
 
     /// The 16-byte field as on the wire (zero padded).
@@ -1709,7 +1711,13 @@ pub struct Reject {
 impl Reject {
     /// The 48 wire bytes.
     pub fn encode(&self) -> [u8; BHS_LEN] {
-        let mut b = header(Opcode::Reject, false, FINAL_BIT, 0, self.data_segment_length);
+        let mut b = header(
+            Opcode::Reject,
+            false,
+            FINAL_BIT,
+            0,
+            self.data_segment_length,
+        );
         b[2] = self.reason as u8;
         put32(&mut b, 16, RESERVED_TAG);
         put_seq(&mut b, &self.seq);

@@ -238,7 +238,11 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let data = encode(&[("HeaderDigest", "CRC32C,None"), ("MaxBurstLength", "262144")]).unwrap();
+        let data = encode(&[
+            ("HeaderDigest", "CRC32C,None"),
+            ("MaxBurstLength", "262144"),
+        ])
+        .unwrap();
         assert_eq!(data, b"HeaderDigest=CRC32C,None\0MaxBurstLength=262144\0");
         let pairs = decode(&data).unwrap();
         assert_eq!(pairs.len(), 2);
@@ -283,7 +287,10 @@ mod tests {
     fn duplicates() {
         let data = b"A=1\0B=2\0A=3\0";
         assert_eq!(decode(data).unwrap().len(), 3);
-        assert_eq!(decode_unique(data), Err(TextError::DuplicateKey("A".into())));
+        assert_eq!(
+            decode_unique(data),
+            Err(TextError::DuplicateKey("A".into()))
+        );
     }
 
     #[test]
