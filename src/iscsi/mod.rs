@@ -15,6 +15,8 @@
 
 pub mod chap;
 pub mod digest;
+pub mod discovery;
+pub mod login;
 pub mod params;
 pub mod pdu;
 pub mod session;
