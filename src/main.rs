@@ -11,7 +11,7 @@ use log::{error, info, warn};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use vhost_iser::open::open_target;
+use vhost_iser::open::{open_target, OpenOptions};
 use vhost_iser::vhost::backend::{serve, BlkBackend, DeviceOptions};
 
 /// Serve a virtual machine's disk from a remote iSCSI target (iSER or TCP)
@@ -43,6 +43,30 @@ struct Args {
     #[arg(long, value_name = "S")]
     serial: Option<String>,
 
+    /// Our iSCSI initiator name (default: iqn.2026-11.io.vhost-iser:HOSTNAME).
+    #[arg(long, value_name = "IQN")]
+    initiator_name: Option<String>,
+
+    /// Another portal of the same target (host:port); repeat for several.
+    #[arg(long = "portal", value_name = "HOST:PORT")]
+    portals: Vec<String>,
+
+    /// CHAP user name (or user@ in the URL).
+    #[arg(long, value_name = "NAME")]
+    chap_user: Option<String>,
+
+    /// File with the CHAP secret (default: $VHOST_ISER_CHAP_SECRET). Never on the command line.
+    #[arg(long, value_name = "FILE")]
+    chap_secret_file: Option<PathBuf>,
+
+    /// Mutual CHAP: the name the target must present.
+    #[arg(long, value_name = "NAME")]
+    target_chap_user: Option<String>,
+
+    /// Mutual CHAP: file with the target's secret (default: $VHOST_ISER_TARGET_CHAP_SECRET).
+    #[arg(long, value_name = "FILE")]
+    target_chap_secret_file: Option<PathBuf>,
+
     /// Log level: error, warn, info, debug, trace (RUST_LOG overrides).
     #[arg(long, default_value = "info", value_name = "L")]
     log_level: log::LevelFilter,
@@ -65,11 +89,23 @@ fn main() -> ExitCode {
         }
     };
 
-    let target = match open_target(&args.target, args.read_only) {
+    let open_opts = OpenOptions {
+        read_only: args.read_only,
+        initiator_name: args.initiator_name.clone(),
+        extra_portals: args.portals.clone(),
+        chap_user: args.chap_user.clone(),
+        chap_secret_file: args.chap_secret_file.clone(),
+        target_chap_user: args.target_chap_user.clone(),
+        target_chap_secret_file: args.target_chap_secret_file.clone(),
+        ..OpenOptions::default()
+    };
+    let target = match open_target(&args.target, &open_opts) {
         Ok(t) => t,
         Err(e) => {
             error!("{}", error_chain(&e));
-            return ExitCode::from(2);
+            // A bad argument is a usage error (2); an unreachable target is not.
+            let usage = matches!(e, vhost_iser::blk::target::TargetError::BadTarget { .. });
+            return ExitCode::from(if usage { 2 } else { 1 });
         }
     };
     let opts = DeviceOptions {

@@ -1,21 +1,179 @@
-//! Opening a target from its `--target` string.
+//! Opening a target from its `--target` string and the connection options.
 
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::blk::mem::MemTarget;
 use crate::blk::target::{Target, TargetError};
+use crate::iscsi::chap::{ChapCredentials, ChapSecret};
+use crate::iscsi::connect::{ConnectConfig, Connector};
+use crate::iscsi::login::MutualChap;
+use crate::iscsi::params::ParamOffer;
+use crate::iscsi::session::Session;
+use crate::iscsi::url::{default_initiator_name, Scheme, TargetUrl};
+use crate::scsi::lun::{ScsiLun, SessionFactory};
+
+/// Environment variable holding the CHAP secret (when no file is given).
+pub const CHAP_SECRET_ENV: &str = "VHOST_ISER_CHAP_SECRET";
+/// Environment variable holding the mutual CHAP (target) secret.
+pub const TARGET_CHAP_SECRET_ENV: &str = "VHOST_ISER_TARGET_CHAP_SECRET";
+
+/// How to reach and authenticate to an iSCSI target.
+#[derive(Clone, Debug, Default)]
+pub struct OpenOptions {
+    /// Refuse writes.
+    pub read_only: bool,
+    /// Our iSCSI name (default: derived from the host name).
+    pub initiator_name: Option<String>,
+    /// More portals of the same target ("host:port"), after the URL's.
+    pub extra_portals: Vec<String>,
+    /// CHAP user name (or `user@` in the URL).
+    pub chap_user: Option<String>,
+    /// File holding the CHAP secret (else `VHOST_ISER_CHAP_SECRET`).
+    pub chap_secret_file: Option<PathBuf>,
+    /// Mutual CHAP: the name the target must present.
+    pub target_chap_user: Option<String>,
+    /// Mutual CHAP: file holding the target's secret (else `VHOST_ISER_TARGET_CHAP_SECRET`).
+    pub target_chap_secret_file: Option<PathBuf>,
+    /// Login timeout.
+    pub login_timeout: Option<Duration>,
+    /// Operational parameter proposals (tests tune bursts and digests).
+    pub params: Option<ParamOffer>,
+}
 
 /// Opens the target named by `spec`:
 /// - `mem:SIZE`: a RAM disk (tests, demos, benchmarks of the vhost layer);
 /// - `iscsi://[user@]host[:port]/iqn/lun`: an iSCSI LUN over TCP;
 /// - `iser://[user@]host[:port]/iqn/lun`: an iSCSI LUN over iSER (RDMA).
-pub fn open_target(spec: &str, read_only: bool) -> Result<Arc<dyn Target>, TargetError> {
+pub fn open_target(spec: &str, opts: &OpenOptions) -> Result<Arc<dyn Target>, TargetError> {
     if let Some(size) = spec.strip_prefix("mem:") {
-        return Ok(Arc::new(MemTarget::from_spec(size, read_only)?));
+        return Ok(Arc::new(MemTarget::from_spec(size, opts.read_only)?));
     }
-    Err(TargetError::BadTarget {
+    if !(spec.starts_with("iscsi://") || spec.starts_with("iser://")) {
+        return Err(TargetError::BadTarget {
+            target: spec.to_string(),
+            reason: "expected mem:SIZE, iscsi://host[:port]/iqn/lun or iser://host[:port]/iqn/lun"
+                .to_string(),
+        });
+    }
+    let url = TargetUrl::parse(spec).map_err(|e| TargetError::BadTarget {
         target: spec.to_string(),
-        reason: "expected mem:SIZE, iscsi://host[:port]/iqn/lun or iser://host[:port]/iqn/lun"
-            .to_string(),
-    })
+        reason: e.reason,
+    })?;
+    if url.scheme == Scheme::Iser {
+        // Say clearly whether this host can do RDMA at all.
+        crate::transport::iser::verbs::ensure_device().map_err(|e| TargetError::Setup {
+            context: format!("iser://{}", url.portal()),
+            source: Box::new(e),
+        })?;
+        return Err(TargetError::BadTarget {
+            target: spec.to_string(),
+            reason:
+                "the iSER data path is not wired to the session layer in this build; use iscsi://"
+                    .into(),
+        });
+    }
+    let setup = |what: &str, e: Box<dyn std::error::Error + Send + Sync>| TargetError::Setup {
+        context: what.to_string(),
+        source: e,
+    };
+    let user = opts.chap_user.clone().or(url.user.clone());
+    let chap = match user {
+        Some(username) => {
+            let secret = match &opts.chap_secret_file {
+                Some(p) => ChapSecret::from_file(p),
+                None => ChapSecret::from_env(CHAP_SECRET_ENV),
+            }
+            .map_err(|e| setup("reading the CHAP secret", Box::new(e)))?;
+            Some(ChapCredentials { username, secret })
+        }
+        None => None,
+    };
+    let mutual_chap = if opts.target_chap_secret_file.is_some()
+        || opts.target_chap_user.is_some()
+        || std::env::var_os(TARGET_CHAP_SECRET_ENV).is_some()
+    {
+        let secret = match &opts.target_chap_secret_file {
+            Some(p) => ChapSecret::from_file(p),
+            None => ChapSecret::from_env(TARGET_CHAP_SECRET_ENV),
+        }
+        .map_err(|e| setup("reading the target's CHAP secret", Box::new(e)))?;
+        Some(MutualChap {
+            target_username: opts.target_chap_user.clone(),
+            secret,
+        })
+    } else {
+        None
+    };
+    let mut portals = vec![url.portal()];
+    portals.extend(opts.extra_portals.iter().cloned());
+    let cfg = ConnectConfig {
+        portals,
+        target_name: url.target.clone(),
+        initiator_name: opts
+            .initiator_name
+            .clone()
+            .unwrap_or_else(default_initiator_name),
+        chap,
+        mutual_chap,
+        params: opts.params.clone().unwrap_or_default(),
+        login_timeout: opts.login_timeout.unwrap_or(Duration::from_secs(15)),
+    };
+    let connector = Connector::new(cfg).map_err(|e| setup("preparing the login", Box::new(e)))?;
+    let factory = Arc::new(IscsiSessions {
+        describe: format!("{} lun {} at {}", url.target, url.lun, url.portal()),
+        lun: url.lun_wire(),
+        connector,
+    });
+    let lun = ScsiLun::open(factory)?;
+    Ok(Arc::new(ReadOnlyOverride {
+        inner: lun,
+        read_only: opts.read_only,
+    }))
+}
+
+/// Sessions over TCP for one LUN.
+struct IscsiSessions {
+    connector: Connector,
+    lun: u64,
+    describe: String,
+}
+
+impl SessionFactory for IscsiSessions {
+    fn open(&self, queue: usize) -> Result<Session, TargetError> {
+        self.connector.open(queue).map_err(|e| TargetError::Setup {
+            context: format!("queue {queue}: cannot log in to {}", self.describe),
+            source: Box::new(e),
+        })
+    }
+
+    fn lun(&self) -> u64 {
+        self.lun
+    }
+
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+}
+
+/// `--read-only` on top of a LUN that allows writes.
+struct ReadOnlyOverride {
+    inner: ScsiLun,
+    read_only: bool,
+}
+
+impl Target for ReadOnlyOverride {
+    fn info(&self) -> crate::blk::target::DeviceInfo {
+        let mut i = self.inner.info();
+        i.read_only |= self.read_only;
+        i
+    }
+
+    fn open_queue(
+        &self,
+        index: usize,
+    ) -> Result<Box<dyn crate::blk::target::QueueTarget>, TargetError> {
+        self.inner.open_queue(index)
+    }
 }

@@ -14,6 +14,7 @@
 //! - [`discovery`]: SendTargets requests and answers.
 
 pub mod chap;
+pub mod connect;
 pub mod digest;
 pub mod discovery;
 pub mod login;

@@ -1,0 +1,228 @@
+//! Opening sessions: connect to a portal, run the login state machine over
+//! the connection, follow redirects, try the next portal on failure.
+
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+use thiserror::Error;
+
+use super::chap::ChapCredentials;
+use super::login::{
+    LoginConfig, LoginError, LoginNegotiator, LoginPdu, LoginStep, LoginTarget, MutualChap,
+};
+use super::params::ParamOffer;
+use super::pdu::TargetPdu;
+use super::session::{Session, SessionStart};
+use crate::transport::tcp::TcpConnection;
+use crate::transport::{OutPdu, PduData, TransportError};
+
+/// How many redirects one login follows.
+const MAX_REDIRECTS: u32 = 4;
+
+/// Why a session could not be opened.
+#[derive(Debug, Error)]
+pub enum ConnectError {
+    /// TCP connect or I/O during login failed.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The target refused the login or broke the login protocol.
+    #[error(transparent)]
+    Login(#[from] LoginError),
+    /// The target's answer could not be decoded.
+    #[error("login to {portal}: undecodable response: {reason}")]
+    BadResponse {
+        /// The portal.
+        portal: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// Redirect loop.
+    #[error("login to {portal}: more than {MAX_REDIRECTS} redirects")]
+    TooManyRedirects {
+        /// The first portal.
+        portal: String,
+    },
+    /// No portal answered.
+    #[error("no portal of {target} accepted a login: {last}")]
+    AllPortalsFailed {
+        /// Target name.
+        target: String,
+        /// The last error.
+        last: Box<ConnectError>,
+    },
+}
+
+/// What every session of one target shares.
+#[derive(Clone, Debug)]
+pub struct ConnectConfig {
+    /// Portals ("host:port"), tried in order.
+    pub portals: Vec<String>,
+    /// Target name.
+    pub target_name: String,
+    /// Our initiator name.
+    pub initiator_name: String,
+    /// CHAP, if the target wants it.
+    pub chap: Option<ChapCredentials>,
+    /// Mutual CHAP.
+    pub mutual_chap: Option<MutualChap>,
+    /// Operational parameters to propose.
+    pub params: ParamOffer,
+    /// Time allowed for connect + login.
+    pub login_timeout: Duration,
+}
+
+/// Opens sessions for the queues of one target.
+pub struct Connector {
+    cfg: ConnectConfig,
+    /// Random part of our ISIDs, one per process; the qualifier is the queue.
+    isid_base: [u8; 6],
+}
+
+impl Connector {
+    /// A connector with a fresh random ISID base.
+    pub fn new(cfg: ConnectConfig) -> Result<Self, ConnectError> {
+        let isid_base = super::login::random_isid(0).map_err(|e| {
+            ConnectError::Login(LoginError::Config(format!(
+                "cannot draw a random ISID: {e}"
+            )))
+        })?;
+        Ok(Connector { cfg, isid_base })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ConnectConfig {
+        &self.cfg
+    }
+
+    /// Logs in a session for queue `queue` (ISID qualifier = queue), trying
+    /// each portal in turn.
+    pub fn open(&self, queue: usize) -> Result<Session, ConnectError> {
+        let mut isid = self.isid_base;
+        isid[4..6].copy_from_slice(&(queue as u16).to_be_bytes());
+        let mut last = None;
+        for portal in &self.cfg.portals {
+            match self.login_following_redirects(portal, isid) {
+                Ok(s) => return Ok(s),
+                Err(e) => {
+                    warn!("queue {queue}: {e}");
+                    // A refused login (bad secret, no such target) will not get
+                    // better on another portal of the same target.
+                    if matches!(e, ConnectError::Login(LoginError::Rejected { .. })) {
+                        return Err(e);
+                    }
+                    last = Some(e);
+                }
+            }
+        }
+        Err(match last {
+            Some(e) if self.cfg.portals.len() == 1 => e,
+            Some(e) => ConnectError::AllPortalsFailed {
+                target: self.cfg.target_name.clone(),
+                last: Box::new(e),
+            },
+            None => ConnectError::BadResponse {
+                portal: String::new(),
+                reason: "no portal configured".into(),
+            },
+        })
+    }
+
+    fn login_following_redirects(
+        &self,
+        first: &str,
+        isid: [u8; 6],
+    ) -> Result<Session, ConnectError> {
+        let mut portal = first.to_string();
+        for _ in 0..=MAX_REDIRECTS {
+            match self.login_once(&portal, isid)? {
+                LoginResult::Session(s) => return Ok(s),
+                LoginResult::Redirect(to) => {
+                    info!("login to {portal}: redirected to {to}");
+                    portal = to;
+                }
+            }
+        }
+        Err(ConnectError::TooManyRedirects {
+            portal: first.to_string(),
+        })
+    }
+
+    fn login_once(&self, portal: &str, isid: [u8; 6]) -> Result<LoginResult, ConnectError> {
+        let deadline = Instant::now() + self.cfg.login_timeout;
+        let mut conn = TcpConnection::connect(portal, self.cfg.login_timeout)?;
+        let mut lc = LoginConfig::new(
+            portal,
+            &self.cfg.initiator_name,
+            LoginTarget::Normal {
+                target_name: self.cfg.target_name.clone(),
+            },
+            isid,
+        );
+        lc.chap = self.cfg.chap.clone();
+        lc.mutual_chap = self.cfg.mutual_chap.clone();
+        lc.params = self.cfg.params.clone();
+        let mut neg = LoginNegotiator::new(lc)?;
+        let mut pdu = neg.start()?;
+        loop {
+            send(&mut conn, pdu, deadline)?;
+            let resp = conn.recv_blocking(deadline)?;
+            let decoded = TargetPdu::decode(&resp.bhs).map_err(|e| ConnectError::BadResponse {
+                portal: portal.to_string(),
+                reason: e.to_string(),
+            })?;
+            match neg.on_pdu(&decoded, &resp.data)? {
+                LoginStep::Send(next) => pdu = next,
+                LoginStep::Done(outcome) => {
+                    info!(
+                        "logged in to {} at {portal}{} (TSIH {:#06x}, MaxBurstLength {}, ImmediateData {}, InitialR2T {}{})",
+                        self.cfg.target_name,
+                        if outcome.chap_used { " with CHAP" } else { "" },
+                        outcome.tsih,
+                        outcome.params.max_burst_length,
+                        if outcome.params.immediate_data { "Yes" } else { "No" },
+                        if outcome.params.initial_r2t { "Yes" } else { "No" },
+                        if outcome.params.header_digest == super::params::DigestKind::Crc32c {
+                            ", header digest"
+                        } else {
+                            ""
+                        },
+                    );
+                    let start = SessionStart {
+                        cmd_sn: outcome.cmd_sn,
+                        exp_stat_sn: outcome.exp_stat_sn,
+                        max_cmd_sn: outcome.max_cmd_sn,
+                    };
+                    return Ok(LoginResult::Session(Session::new(
+                        conn,
+                        outcome.params,
+                        start,
+                    )));
+                }
+                LoginStep::Redirect { portal: to, .. } => {
+                    let addr = if to.host.contains(':') {
+                        format!("[{}]:{}", to.host, to.port)
+                    } else {
+                        format!("{}:{}", to.host, to.port)
+                    };
+                    return Ok(LoginResult::Redirect(addr));
+                }
+            }
+        }
+    }
+}
+
+enum LoginResult {
+    Session(Session),
+    Redirect(String),
+}
+
+fn send(conn: &mut TcpConnection, pdu: LoginPdu, deadline: Instant) -> Result<(), ConnectError> {
+    let bhs = pdu.bhs();
+    let data = if pdu.data.is_empty() {
+        PduData::None
+    } else {
+        PduData::Owned(pdu.data)
+    };
+    conn.send_blocking(OutPdu { bhs, data }, deadline)?;
+    Ok(())
+}
