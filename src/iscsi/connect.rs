@@ -135,7 +135,7 @@ impl Connector {
         let mut portal = first.to_string();
         for _ in 0..=MAX_REDIRECTS {
             match self.login_once(&portal, isid)? {
-                LoginResult::Session(s) => return Ok(s),
+                LoginResult::Session(s) => return Ok(*s),
                 LoginResult::Redirect(to) => {
                     info!("login to {portal}: redirected to {to}");
                     portal = to;
@@ -212,7 +212,7 @@ impl Connector {
 }
 
 enum LoginResult {
-    Session(Session),
+    Session(Box<Session>),
     Redirect(String),
 }
 
