@@ -192,11 +192,8 @@ impl Connector {
                         exp_stat_sn: outcome.exp_stat_sn,
                         max_cmd_sn: outcome.max_cmd_sn,
                     };
-                    return Ok(LoginResult::Session(Session::new(
-                        conn,
-                        outcome.params,
-                        start,
-                    )));
+                    let session = Session::new(conn, outcome.params, start);
+                    return Ok(LoginResult::Session(Box::new(session)));
                 }
                 LoginStep::Redirect { portal: to, .. } => {
                     let addr = if to.host.contains(':') {
