@@ -11,6 +11,7 @@ use log::{error, info, warn};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
+use vhost_iser::iscsi::params::{DigestKind, ParamOffer};
 use vhost_iser::open::{open_target, OpenOptions};
 use vhost_iser::vhost::backend::{serve, BlkBackend, DeviceOptions};
 
@@ -59,6 +60,14 @@ struct Args {
     #[arg(long, value_name = "FILE")]
     chap_secret_file: Option<PathBuf>,
 
+    /// Offer CHAP with SHA-256 before MD5 (targets that read CHAP_A=7 as SHA-256: LIO, open-iscsi's).
+    #[arg(long)]
+    chap_sha256: bool,
+
+    /// CRC32C digests to ask for: none, header, data or both.
+    #[arg(long, default_value = "none", value_parser = ["none", "header", "data", "both"])]
+    digests: String,
+
     /// Mutual CHAP: the name the target must present.
     #[arg(long, value_name = "NAME")]
     target_chap_user: Option<String>,
@@ -97,6 +106,8 @@ fn main() -> ExitCode {
         chap_secret_file: args.chap_secret_file.clone(),
         target_chap_user: args.target_chap_user.clone(),
         target_chap_secret_file: args.target_chap_secret_file.clone(),
+        chap_sha256: args.chap_sha256,
+        params: Some(param_offer(&args.digests)),
         ..OpenOptions::default()
     };
     let target = match open_target(&args.target, &open_opts) {
@@ -157,6 +168,22 @@ fn main() -> ExitCode {
             let _ = std::fs::remove_file(&args.socket);
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Login proposals from the command line.
+fn param_offer(digests: &str) -> ParamOffer {
+    let want = |on: bool| {
+        if on {
+            vec![DigestKind::Crc32c, DigestKind::None]
+        } else {
+            vec![DigestKind::None, DigestKind::Crc32c]
+        }
+    };
+    ParamOffer {
+        header_digest: want(matches!(digests, "header" | "both")),
+        data_digest: want(matches!(digests, "data" | "both")),
+        ..ParamOffer::default()
     }
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::blk::mem::MemTarget;
 use crate::blk::target::{Target, TargetError};
-use crate::iscsi::chap::{ChapCredentials, ChapSecret};
+use crate::iscsi::chap::{ChapAlgorithm, ChapCredentials, ChapSecret};
 use crate::iscsi::connect::{ConnectConfig, Connector};
 use crate::iscsi::login::MutualChap;
 use crate::iscsi::params::ParamOffer;
@@ -36,6 +36,9 @@ pub struct OpenOptions {
     pub target_chap_user: Option<String>,
     /// Mutual CHAP: file holding the target's secret (else `VHOST_ISER_TARGET_CHAP_SECRET`).
     pub target_chap_secret_file: Option<PathBuf>,
+    /// Offer CHAP with SHA-256 (CHAP_A=7) before MD5. Off by default: tgt and
+    /// IET read CHAP_A=7 as SHA-1 and the login fails.
+    pub chap_sha256: bool,
     /// Login timeout.
     pub login_timeout: Option<Duration>,
     /// Operational parameter proposals (tests tune bursts and digests).
@@ -117,6 +120,11 @@ pub fn open_target(spec: &str, opts: &OpenOptions) -> Result<Arc<dyn Target>, Ta
             .unwrap_or_else(default_initiator_name),
         chap,
         mutual_chap,
+        chap_algorithms: if opts.chap_sha256 {
+            vec![ChapAlgorithm::Sha256, ChapAlgorithm::Md5]
+        } else {
+            vec![ChapAlgorithm::Md5]
+        },
         params: opts.params.clone().unwrap_or_default(),
         login_timeout: opts.login_timeout.unwrap_or(Duration::from_secs(15)),
     };

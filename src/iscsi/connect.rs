@@ -65,6 +65,9 @@ pub struct ConnectConfig {
     pub chap: Option<ChapCredentials>,
     /// Mutual CHAP.
     pub mutual_chap: Option<MutualChap>,
+    /// CHAP algorithms to offer, preferred first. CHAP_A=7 means SHA-256 to
+    /// open-iscsi and LIO but SHA-1 to tgt and IET, so SHA-256 is opt-in.
+    pub chap_algorithms: Vec<super::chap::ChapAlgorithm>,
     /// Operational parameters to propose.
     pub params: ParamOffer,
     /// Time allowed for connect + login.
@@ -159,6 +162,7 @@ impl Connector {
             isid,
         );
         lc.chap = self.cfg.chap.clone();
+        lc.chap_algorithms = self.cfg.chap_algorithms.clone();
         lc.mutual_chap = self.cfg.mutual_chap.clone();
         lc.params = self.cfg.params.clone();
         let mut neg = LoginNegotiator::new(lc)?;
@@ -181,10 +185,14 @@ impl Connector {
                         outcome.params.max_burst_length,
                         if outcome.params.immediate_data { "Yes" } else { "No" },
                         if outcome.params.initial_r2t { "Yes" } else { "No" },
-                        if outcome.params.header_digest == super::params::DigestKind::Crc32c {
-                            ", header digest"
-                        } else {
-                            ""
+                        match (
+                            outcome.params.header_digest == super::params::DigestKind::Crc32c,
+                            outcome.params.data_digest == super::params::DigestKind::Crc32c
+                        ) {
+                            (true, true) => ", header digest, data digest",
+                            (true, false) => ", header digest",
+                            (false, true) => ", data digest",
+                            _ => "",
                         },
                     );
                     let start = SessionStart {

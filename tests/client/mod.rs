@@ -25,13 +25,72 @@ impl Backend {
     }
 
     pub fn start_at(dir: tempfile::TempDir, socket: PathBuf, args: &[&str]) -> Backend {
+        Self::start_full(dir, socket, args, &[])
+    }
+
+    /// Starts the backend and returns it without waiting (it may exit: login failures).
+    pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Backend {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("vhost.sock");
+        let child = Self::command(&dir, &socket, args, env)
+            .spawn()
+            .expect("spawn vhost-iser");
+        Backend {
+            child: Some(child),
+            socket,
+            dir,
+        }
+    }
+
+    /// Starts with extra environment variables (secrets) and waits for the socket.
+    pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Backend {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("vhost.sock");
+        Self::start_full(dir, socket, args, env)
+    }
+
+    fn command(
+        dir: &tempfile::TempDir,
+        socket: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Command {
         let log = std::fs::File::create(dir.path().join("backend.log")).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_vhost-iser"))
-            .arg("--socket")
-            .arg(&socket)
+        let mut c = Command::new(env!("CARGO_BIN_EXE_vhost-iser"));
+        c.arg("--socket")
+            .arg(socket)
             .args(args)
             .stdout(Stdio::null())
-            .stderr(log)
+            .stderr(log);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c
+    }
+
+    /// Waits for the process to exit by itself (within `secs`).
+    pub fn wait_exit(&mut self, secs: u64) -> ExitStatus {
+        let mut child = self.child.take().expect("backend already stopped");
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(st) = child.try_wait().expect("wait") {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("vhost-iser did not exit; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn start_full(
+        dir: tempfile::TempDir,
+        socket: PathBuf,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Backend {
+        let child = Self::command(&dir, &socket, args, env)
             .spawn()
             .expect("spawn vhost-iser");
         let b = Backend {
@@ -46,6 +105,9 @@ impl Backend {
     fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
+            if self.log().contains(" ERROR ") {
+                panic!("vhost-iser failed to start; log:\n{}", self.log());
+            }
             if self.log().contains("waiting for a frontend") && self.socket.exists() {
                 return;
             }
