@@ -22,15 +22,23 @@ fn config(kind: u8) -> LoginConfig {
     let target = if kind % 5 == 3 {
         LoginTarget::Discovery
     } else {
-        LoginTarget::Normal { target_name: "iqn.2024-01.test:chap".into() }
+        LoginTarget::Normal {
+            target_name: "iqn.2024-01.test:chap".into(),
+        }
     };
     let mut c = LoginConfig::new("127.0.0.1:3260", "iqn.2024-01.test:init", target, ISID);
     c.itt = ITT;
     if matches!(kind % 5, 1 | 2) {
-        c.chap = Some(ChapCredentials { username: "inituser".into(), secret: secret("initsecret123") });
+        c.chap = Some(ChapCredentials {
+            username: "inituser".into(),
+            secret: secret("initsecret123"),
+        });
     }
     if kind % 5 == 2 {
-        c.mutual_chap = Some(MutualChap { target_username: None, secret: secret("tgtsecret4567") });
+        c.mutual_chap = Some(MutualChap {
+            target_username: None,
+            secret: secret("tgtsecret4567"),
+        });
     }
     c.iser = kind % 5 == 4;
     c
@@ -40,7 +48,8 @@ fuzz_target!(|data: &[u8]| {
     let Some((&kind, mut rest)) = data.split_first() else {
         return;
     };
-    let challenge = vhost_iser::iscsi::chap::decode_binary("CHAP_C", MUTUAL_CHALLENGE).expect("valid hex");
+    let challenge =
+        vhost_iser::iscsi::chap::decode_binary("CHAP_C", MUTUAL_CHALLENGE).expect("valid hex");
     let Ok(l) = LoginNegotiator::new(config(kind)) else {
         return;
     };

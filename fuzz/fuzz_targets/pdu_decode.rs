@@ -19,7 +19,8 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(p.data_segment_length(), dsl);
     }
     if let Ok(p) = InitiatorPdu::decode(&bhs) {
-        let again = InitiatorPdu::decode(&p.encode()).expect("re-encoded initiator PDU must decode");
+        let again =
+            InitiatorPdu::decode(&p.encode()).expect("re-encoded initiator PDU must decode");
         assert_eq!(again, p);
     }
 });

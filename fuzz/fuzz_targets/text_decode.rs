@@ -12,12 +12,19 @@ fuzz_target!(|data: &[u8]| {
     let _ = discovery::parse_send_targets(data);
     if let Ok(pairs) = text::decode(data) {
         // Re-encoding decoded pairs gives text that decodes to the same.
-        let kv: Vec<(String, String)> = pairs.iter().map(|p| (p.key.clone(), p.value.clone())).collect();
+        let kv: Vec<(String, String)> = pairs
+            .iter()
+            .map(|p| (p.key.clone(), p.value.clone()))
+            .collect();
         if let Ok(enc) = text::encode(&kv) {
-            assert_eq!(text::decode(&enc).expect("re-encoded text must decode"), pairs);
+            assert_eq!(
+                text::decode(&enc).expect("re-encoded text must decode"),
+                pairs
+            );
         }
         for st in [SessionType::Normal, SessionType::Discovery] {
-            let mut n = Negotiation::new(ParamOffer::default(), st).expect("default offer is valid");
+            let mut n =
+                Negotiation::new(ParamOffer::default(), st).expect("default offer is valid");
             for p in &pairs {
                 if n.handle(&p.key, &p.value).is_err() {
                     break;
