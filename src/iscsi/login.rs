@@ -692,7 +692,7 @@ impl LoginNegotiator {
                     let neg = self
                         .neg
                         .as_mut()
-                        .ok_or_else(|| LoginError::Finished(String::new()))?;
+                        .ok_or_else(|| LoginError::Finished(self.cfg.portal.clone()))?;
                     if let Err(e) = neg.handle(&p.key, &p.value) {
                         return Err(self.neg_err(e));
                     }
@@ -945,7 +945,7 @@ impl LoginNegotiator {
                 let neg = self
                     .neg
                     .as_mut()
-                    .ok_or_else(|| LoginError::Finished(String::new()))?;
+                    .ok_or_else(|| LoginError::Finished(self.cfg.portal.clone()))?;
                 let mut pairs = neg.initial_pairs();
                 pairs.extend(neg.take_replies());
                 let data = text::encode(&pairs).map_err(|e| self.text_err(e))?;
@@ -1009,7 +1009,7 @@ impl LoginNegotiator {
         let neg = self
             .neg
             .take()
-            .ok_or_else(|| LoginError::Finished(String::new()))?;
+            .ok_or_else(|| LoginError::Finished(self.cfg.portal.clone()))?;
         let params = neg.finish().map_err(|e| self.neg_err(e))?;
         self.stage = Stage::FullFeature;
         Ok(LoginStep::Done(LoginOutcome {

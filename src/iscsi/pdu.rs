@@ -549,6 +549,17 @@ fn require_final(b: &[u8; BHS_LEN], pdu: &'static str) -> Result<(), PduError> {
     }
 }
 
+fn require_no_data(b: &[u8; BHS_LEN], pdu: &'static str) -> Result<(), PduError> {
+    match get_dsl(b).0 {
+        0 => Ok(()),
+        value => Err(PduError::InvalidField {
+            pdu,
+            field: "DataSegmentLength",
+            value,
+        }),
+    }
+}
+
 /// AHS length (bytes) and data segment length (bytes, unpadded) of a raw BHS,
 /// read without decoding the rest, so a transport knows how much follows
 /// even for a PDU it will then reject.
@@ -992,6 +1003,7 @@ impl LogoutRequest {
 
     fn decode(b: &[u8; BHS_LEN]) -> Result<Self, PduError> {
         require_final(b, "Logout Request")?;
+        require_no_data(b, "Logout Request")?;
         Ok(LogoutRequest {
             immediate: b[0] & IMMEDIATE_BIT != 0,
             reason: LogoutReason::decode(b[1] & 0x7f)?,
@@ -1048,6 +1060,7 @@ impl TaskMgmtRequest {
 
     fn decode(b: &[u8; BHS_LEN]) -> Result<Self, PduError> {
         require_final(b, "Task Management Request")?;
+        require_no_data(b, "Task Management Request")?;
         Ok(TaskMgmtRequest {
             immediate: b[0] & IMMEDIATE_BIT != 0,
             function: TmfFunction::decode(b[1] & 0x7f)?,
@@ -1385,14 +1398,7 @@ impl R2t {
     fn decode(b: &[u8; BHS_LEN]) -> Result<Self, PduError> {
         const P: &str = "R2T";
         require_final(b, P)?;
-        let dsl = get_dsl(b).0;
-        if dsl != 0 {
-            return Err(PduError::InvalidField {
-                pdu: P,
-                field: "DataSegmentLength",
-                value: dsl,
-            });
-        }
+        require_no_data(b, P)?;
         let r = R2t {
             ahs_words: b[4],
             lun: get64(b, 8),
@@ -1653,6 +1659,7 @@ impl LogoutResponse {
 
     fn decode(b: &[u8; BHS_LEN]) -> Result<Self, PduError> {
         require_final(b, "Logout Response")?;
+        require_no_data(b, "Logout Response")?;
         Ok(LogoutResponse {
             response: LogoutResponseCode::decode(b[2])?,
             itt: get32(b, 16),
@@ -1686,6 +1693,7 @@ impl TaskMgmtResponse {
 
     fn decode(b: &[u8; BHS_LEN]) -> Result<Self, PduError> {
         require_final(b, "Task Management Response")?;
+        require_no_data(b, "Task Management Response")?;
         Ok(TaskMgmtResponse {
             response: TmfResponse::decode(b[2])?,
             itt: get32(b, 16),
@@ -2285,6 +2293,12 @@ mod tests {
         let mut logout = target_samples()[6].encode();
         logout[2] = 4;
         assert!(TargetPdu::decode(&logout).is_err());
+        // PDUs without a data segment must announce none (found by fuzzing).
+        for i in [6, 7] {
+            let mut b = target_samples()[i].encode();
+            b[6] = 0x31;
+            assert!(TargetPdu::decode(&b).is_err(), "{i}");
+        }
     }
 
     #[test]
