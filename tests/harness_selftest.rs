@@ -36,7 +36,11 @@ fn ok(out: &Output, what: &str, t: &Tgtd) -> String {
 
 /// "Total size:N" of iscsi-readcapacity16.
 fn capacity(t: &Tgtd, url: &str) -> u64 {
-    let out = ok(&iscsi("iscsi-readcapacity16", &[url]), "iscsi-readcapacity16", t);
+    let out = ok(
+        &iscsi("iscsi-readcapacity16", &[url]),
+        "iscsi-readcapacity16",
+        t,
+    );
     out.lines()
         .find_map(|l| l.strip_prefix("Total size:"))
         .and_then(|v| v.trim().parse().ok())
@@ -47,7 +51,9 @@ fn capacity(t: &Tgtd, url: &str) -> u64 {
 fn tgtd_file_lun_answers_inquiry_and_capacity() {
     let mut t = Tgtd::start();
     let tid = t.create_target("iqn.2026-11.vhost-iser.test:file");
-    let file = t.add_lun(tid, 1, Backing::File(8 << 20)).expect("file-backed");
+    let file = t
+        .add_lun(tid, 1, Backing::File(8 << 20))
+        .expect("file-backed");
     assert!(file.starts_with("/dev/shm"), "{}", file.display());
     t.bind_all(tid);
     let inq = ok(&iscsi("iscsi-inq", &[&t.url(tid, 1)]), "iscsi-inq", &t);
@@ -81,7 +87,11 @@ fn tgtd_discovery_lists_every_target() {
         t.add_lun(tid, 1, Backing::Null);
         t.bind_all(tid);
     }
-    let out = ok(&iscsi("iscsi-ls", &[&format!("iscsi://{}", t.portal())]), "iscsi-ls", &t);
+    let out = ok(
+        &iscsi("iscsi-ls", &[&format!("iscsi://{}", t.portal())]),
+        "iscsi-ls",
+        &t,
+    );
     for tid in [a, b] {
         let want = format!("Target:{} Portal:{}", t.iqn(tid), t.portal());
         assert!(out.contains(&want), "missing {want} in:\n{out}");
@@ -98,19 +108,47 @@ fn tgtd_chap_one_way_and_mutual() {
     let (portal, iqn) = (t.portal(), t.iqn(tid).to_string());
     let with = |cred: &str, query: &str| format!("iscsi://{cred}@{portal}/{iqn}/1{query}");
     let plain = t.url(tid, 1);
-    assert!(!iscsi("iscsi-inq", &[&plain]).status.success(), "login without CHAP must fail");
+    assert!(
+        !iscsi("iscsi-inq", &[&plain]).status.success(),
+        "login without CHAP must fail"
+    );
     let wrong = with("alice%wrong-secret-12", "");
-    assert!(!iscsi("iscsi-inq", &[&wrong]).status.success(), "wrong secret must fail");
-    ok(&iscsi("iscsi-inq", &[&with("alice%alice-secret-12", "")]), "one-way CHAP", &t);
+    assert!(
+        !iscsi("iscsi-inq", &[&wrong]).status.success(),
+        "wrong secret must fail"
+    );
+    ok(
+        &iscsi("iscsi-inq", &[&with("alice%alice-secret-12", "")]),
+        "one-way CHAP",
+        &t,
+    );
 
     t.set_mutual_chap(tid, "target-bob", "bob-secret-1234");
-    let good = with("alice%alice-secret-12", "?target_user=target-bob&target_password=bob-secret-1234");
+    let good = with(
+        "alice%alice-secret-12",
+        "?target_user=target-bob&target_password=bob-secret-1234",
+    );
     ok(&iscsi("iscsi-inq", &[&good]), "mutual CHAP", &t);
-    let bad = with("alice%alice-secret-12", "?target_user=target-bob&target_password=not-bobs-1234");
+    let bad = with(
+        "alice%alice-secret-12",
+        "?target_user=target-bob&target_password=not-bobs-1234",
+    );
     let out = iscsi("iscsi-inq", &[&bad]);
-    assert!(!out.status.success(), "initiator must reject a target with the wrong secret");
+    assert!(
+        !out.status.success(),
+        "initiator must reject a target with the wrong secret"
+    );
     // the helper's own error messages never carry a secret
-    let err = t.tgtadm(&["--mode", "account", "--op", "new", "--user", "alice", "--password", "s3cr3t-v4lue"]);
+    let err = t.tgtadm(&[
+        "--mode",
+        "account",
+        "--op",
+        "new",
+        "--user",
+        "alice",
+        "--password",
+        "s3cr3t-v4lue",
+    ]);
     assert!(!err.expect_err("duplicate account").contains("s3cr3t-v4lue"));
 }
 
@@ -121,9 +159,22 @@ fn tgtd_initiator_name_acl() {
     t.add_lun(tid, 1, Backing::Null);
     t.bind_initiator(tid, "iqn.2026-11.vhost-iser.test:allowed");
     let url = t.url(tid, 1);
-    let denied = iscsi("iscsi-inq", &["-i", "iqn.2026-11.vhost-iser.test:other", &url]);
-    assert!(!denied.status.success(), "unlisted initiator must be refused");
-    ok(&iscsi("iscsi-inq", &["-i", "iqn.2026-11.vhost-iser.test:allowed", &url]), "ACL", &t);
+    let denied = iscsi(
+        "iscsi-inq",
+        &["-i", "iqn.2026-11.vhost-iser.test:other", &url],
+    );
+    assert!(
+        !denied.status.success(),
+        "unlisted initiator must be refused"
+    );
+    ok(
+        &iscsi(
+            "iscsi-inq",
+            &["-i", "iqn.2026-11.vhost-iser.test:allowed", &url],
+        ),
+        "ACL",
+        &t,
+    );
 }
 
 #[test]
@@ -139,7 +190,20 @@ fn tgtd_update_param_is_applied() {
     assert!(show.contains("MaxBurstLength=16384"), "{show}");
     assert!(show.contains("ImmediateData=No"), "{show}");
     assert_eq!(capacity(&t, &t.url(tid, 1)), 1 << 20);
-    assert!(t.tgtadm(&["--mode", "target", "--op", "update", "--tid", "1", "-n", "NoSuchParam", "-v", "1"]).is_err());
+    assert!(t
+        .tgtadm(&[
+            "--mode",
+            "target",
+            "--op",
+            "update",
+            "--tid",
+            "1",
+            "-n",
+            "NoSuchParam",
+            "-v",
+            "1"
+        ])
+        .is_err());
 }
 
 #[test]
@@ -150,8 +214,15 @@ fn tgtd_drop_kills_it_and_removes_files() {
     let pid = t.pid();
     assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
     drop(t);
-    assert!(!file.exists(), "backing file {} left behind", file.display());
-    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "tgtd {pid} still alive");
+    assert!(
+        !file.exists(),
+        "backing file {} left behind",
+        file.display()
+    );
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "tgtd {pid} still alive"
+    );
 }
 
 #[test]
@@ -168,7 +239,10 @@ fn tgtd_instances_run_in_parallel() {
             })
         })
         .collect();
-    let mut ports: Vec<u16> = handles.into_iter().map(|h| h.join().expect("thread")).collect();
+    let mut ports: Vec<u16> = handles
+        .into_iter()
+        .map(|h| h.join().expect("thread"))
+        .collect();
     ports.sort_unstable();
     ports.dedup();
     assert_eq!(ports.len(), 4, "ports must differ");
@@ -184,12 +258,32 @@ fn guest_vm_fio_verify_on_qemu_storage_daemon() {
     let run = support::vm::run_script(
         "run-guest.sh",
         &[
-            "--sock", sock, "--queues", "2", "--mem", "512", "--timeout", "180", "--out", outdir,
-            "--", "env", "SIZE=16m", "RT=3", "qemu/guest/fio-verify.sh", "harness",
+            "--sock",
+            sock,
+            "--queues",
+            "2",
+            "--mem",
+            "512",
+            "--timeout",
+            "180",
+            "--out",
+            outdir,
+            "--",
+            "env",
+            "SIZE=16m",
+            "RT=3",
+            "qemu/guest/fio-verify.sh",
+            "harness",
         ],
     );
     eprintln!("guest VM + fio: wall {:.1}s", run.wall.as_secs_f64());
-    assert_eq!(run.code, Some(0), "guest fio verify failed:\n{}\n--- qsd ---\n{}", run.text(), qsd.log());
+    assert_eq!(
+        run.code,
+        Some(0),
+        "guest fio verify failed:\n{}\n--- qsd ---\n{}",
+        run.text(),
+        qsd.log()
+    );
     let json = std::fs::read_to_string(out.path().join("harness/verify.json"))
         .unwrap_or_else(|e| panic!("no fio JSON in --out ({e}):\n{}", run.text()));
     assert!(json.contains("\"error\" : 0"), "{json}");
@@ -198,25 +292,65 @@ fn guest_vm_fio_verify_on_qemu_storage_daemon() {
 /// The guest's exit status comes back unchanged, and a missing socket is a usage error.
 #[test]
 fn guest_vm_reports_exit_status_and_rejects_bad_sockets() {
-    let bad = support::vm::run_script("run-guest.sh", &["--sock", "/nonexistent.sock", "--", "true"]);
+    let bad = support::vm::run_script(
+        "run-guest.sh",
+        &["--sock", "/nonexistent.sock", "--", "true"],
+    );
     assert_eq!(bad.code, Some(2), "{}", bad.text());
     let qsd = QemuStorageDaemon::start(1 << 20, 1);
     let sock = qsd.sock().to_str().expect("utf-8");
     let run = support::vm::run_script(
         "run-guest.sh",
-        &["--sock", sock, "--queues", "1", "--mem", "256", "--timeout", "120", "--",
-          "sh", "-c", "test -b /dev/vda && test \"$VHOST_ISER_VM\" = 1 && exit 42"],
+        &[
+            "--sock",
+            sock,
+            "--queues",
+            "1",
+            "--mem",
+            "256",
+            "--timeout",
+            "120",
+            "--",
+            "sh",
+            "-c",
+            "test -b /dev/vda && test \"$VHOST_ISER_VM\" = 1 && exit 42",
+        ],
     );
-    eprintln!("guest VM trivial command: wall {:.1}s", run.wall.as_secs_f64());
+    eprintln!(
+        "guest VM trivial command: wall {:.1}s",
+        run.wall.as_secs_f64()
+    );
     assert_eq!(run.code, Some(42), "{}", run.text());
+    // a hung guest is killed at --timeout and reported as 124
+    let hung = support::vm::run_script(
+        "run-guest.sh",
+        &[
+            "--sock",
+            sock,
+            "--queues",
+            "1",
+            "--timeout",
+            "3",
+            "--",
+            "sleep",
+            "600",
+        ],
+    );
+    assert_eq!(hung.code, Some(124), "{}", hung.text());
 }
 
 /// Soft-RoCE VM: tgtd and LIO answer libiscsi over iser://.
 #[test]
 fn rdma_vm_selftest() {
-    let run = support::vm::run_script("rdma-vm.sh", &["--timeout", "400", "--", "qemu/rdma/selftest.sh"]);
+    let run = support::vm::run_script(
+        "rdma-vm.sh",
+        &["--timeout", "400", "--", "qemu/rdma/selftest.sh"],
+    );
     eprintln!("rdma VM selftest: wall {:.1}s", run.wall.as_secs_f64());
     assert_eq!(run.code, Some(0), "rdma selftest failed:\n{}", run.text());
     let stdout = String::from_utf8_lossy(&run.output.stdout);
-    assert!(stdout.contains("PASS: TGT iscsi-inq") && stdout.contains("PASS: LIO iscsi-inq"), "{stdout}");
+    assert!(
+        stdout.contains("PASS: TGT iscsi-inq") && stdout.contains("PASS: LIO iscsi-inq"),
+        "{stdout}"
+    );
 }

@@ -46,7 +46,11 @@ pub fn repo_root() -> PathBuf {
 pub fn find_tool(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].iter().map(PathBuf::from))
+        .chain(
+            ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+                .iter()
+                .map(PathBuf::from),
+        )
         .map(|d| d.join(name))
         .find(|p| is_executable(p))
 }
@@ -89,7 +93,10 @@ mod tests {
         });
         assert!(wait_for_path(&p, Duration::from_secs(5)));
         t.join().unwrap();
-        assert!(!wait_for_path(&dir.path().join("never"), Duration::from_millis(50)));
+        assert!(!wait_for_path(
+            &dir.path().join("never"),
+            Duration::from_millis(50)
+        ));
     }
 
     #[test]

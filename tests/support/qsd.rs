@@ -23,7 +23,10 @@ impl QemuStorageDaemon {
         let sock = dir.path().join("vub.sock");
         let image = PathBuf::from(format!(
             "/dev/shm/{}.img",
-            dir.path().file_name().and_then(|n| n.to_str()).unwrap_or("vhost-iser-qsd")
+            dir.path()
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("vhost-iser-qsd")
         ));
         std::fs::File::create(&image)
             .and_then(|f| f.set_len(size))
@@ -42,10 +45,19 @@ impl QemuStorageDaemon {
             .stderr(log)
             .process_group(0);
         let child = cmd.spawn().expect("cannot spawn qemu-storage-daemon");
-        let mut q = QemuStorageDaemon { child, sock, image, _dir: dir };
+        let mut q = QemuStorageDaemon {
+            child,
+            sock,
+            image,
+            _dir: dir,
+        };
         if !super::wait_for_path(&q.sock, Duration::from_secs(20)) {
             let _ = q.child.kill();
-            panic!("qemu-storage-daemon did not create {}: {}", q.sock.display(), q.log());
+            panic!(
+                "qemu-storage-daemon did not create {}: {}",
+                q.sock.display(),
+                q.log()
+            );
         }
         q
     }

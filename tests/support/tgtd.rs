@@ -97,7 +97,9 @@ impl Tgtd {
                 Ok(())
             });
         }
-        let child = cmd.spawn().map_err(|e| format!("spawn {}: {e}", tgtd.display()))?;
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("spawn {}: {e}", tgtd.display()))?;
         let mut t = Tgtd {
             child,
             port,
@@ -113,7 +115,10 @@ impl Tgtd {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Ok(Some(st)) = t.child.try_wait() {
-                return Err(format!("tgtd exited ({st}) during start:\n{}", t.log_text()));
+                return Err(format!(
+                    "tgtd exited ({st}) during start:\n{}",
+                    t.log_text()
+                ));
             }
             if t.log_text().contains("unable to bind") {
                 return Err(format!("port {port} taken:\n{}", t.log_text()));
@@ -122,7 +127,10 @@ impl Tgtd {
                 return Ok(t);
             }
             if Instant::now() >= deadline {
-                return Err(format!("tgtd not ready after {START_TIMEOUT:?}:\n{}", t.log_text()));
+                return Err(format!(
+                    "tgtd not ready after {START_TIMEOUT:?}:\n{}",
+                    t.log_text()
+                ));
             }
             std::thread::sleep(Duration::from_millis(25));
         }
@@ -170,7 +178,16 @@ impl Tgtd {
     /// [`Tgtd::bind_all`] or [`Tgtd::bind_initiator`].
     pub fn create_target(&mut self, iqn: &str) -> u32 {
         let tid = self.targets.iter().map(|(t, _)| *t).max().unwrap_or(0) + 1;
-        self.must(&["--mode", "target", "--op", "new", "--tid", &tid.to_string(), "-T", iqn]);
+        self.must(&[
+            "--mode",
+            "target",
+            "--op",
+            "new",
+            "--tid",
+            &tid.to_string(),
+            "-T",
+            iqn,
+        ]);
         self.targets.push((tid, iqn.to_string()));
         tid
     }
@@ -179,7 +196,16 @@ impl Tgtd {
     /// backing file for file-backed LUNs (removed when the Tgtd is dropped).
     pub fn add_lun(&mut self, tid: u32, lun: u32, backing: Backing) -> Option<PathBuf> {
         let (tid_s, lun_s) = (tid.to_string(), lun.to_string());
-        let base = ["--mode", "logicalunit", "--op", "new", "--tid", &tid_s, "--lun", &lun_s];
+        let base = [
+            "--mode",
+            "logicalunit",
+            "--op",
+            "new",
+            "--tid",
+            &tid_s,
+            "--lun",
+            &lun_s,
+        ];
         match backing {
             Backing::Null => {
                 let mut a = base.to_vec();
@@ -196,7 +222,8 @@ impl Tgtd {
                 ));
                 let f = fs::File::create(&path)
                     .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
-                f.set_len(size).unwrap_or_else(|e| panic!("cannot size {}: {e}", path.display()));
+                f.set_len(size)
+                    .unwrap_or_else(|e| panic!("cannot size {}: {e}", path.display()));
                 self.backing_files.push(path.clone());
                 let p = path.to_str().expect("utf-8 path");
                 let mut a = base.to_vec();
@@ -204,8 +231,16 @@ impl Tgtd {
                 self.must(&a);
                 if matches!(backing, Backing::ReadOnlyFile(_)) {
                     self.must(&[
-                        "--mode", "logicalunit", "--op", "update", "--tid", &tid_s, "--lun",
-                        &lun_s, "--params", "readonly=1",
+                        "--mode",
+                        "logicalunit",
+                        "--op",
+                        "update",
+                        "--tid",
+                        &tid_s,
+                        "--lun",
+                        &lun_s,
+                        "--params",
+                        "readonly=1",
                     ]);
                 }
                 Some(path)
@@ -215,21 +250,41 @@ impl Tgtd {
 
     /// Lets any initiator address log in to `tid`.
     pub fn bind_all(&self, tid: u32) {
-        self.must(&["--mode", "target", "--op", "bind", "--tid", &tid.to_string(), "-I", "ALL"]);
+        self.must(&[
+            "--mode",
+            "target",
+            "--op",
+            "bind",
+            "--tid",
+            &tid.to_string(),
+            "-I",
+            "ALL",
+        ]);
     }
 
     /// Lets initiator `iqn` log in to `tid` (an initiator-name ACL; once any name is
     /// bound, other names are refused).
     pub fn bind_initiator(&self, tid: u32, iqn: &str) {
         let t = tid.to_string();
-        self.must(&["--mode", "target", "--op", "bind", "--tid", &t, "--initiator-name", iqn]);
+        self.must(&[
+            "--mode",
+            "target",
+            "--op",
+            "bind",
+            "--tid",
+            &t,
+            "--initiator-name",
+            iqn,
+        ]);
     }
 
     /// Requires one-way CHAP on `tid`: the initiator must answer as `user`/`secret`.
     pub fn set_chap(&mut self, tid: u32, user: &str, secret: &str) {
         self.new_account(user, secret);
         let t = tid.to_string();
-        self.must(&["--mode", "account", "--op", "bind", "--tid", &t, "--user", user]);
+        self.must(&[
+            "--mode", "account", "--op", "bind", "--tid", &t, "--user", user,
+        ]);
     }
 
     /// Mutual CHAP: the target proves itself to the initiator as `user`/`secret`
@@ -237,12 +292,31 @@ impl Tgtd {
     pub fn set_mutual_chap(&mut self, tid: u32, user: &str, secret: &str) {
         self.new_account(user, secret);
         let t = tid.to_string();
-        self.must(&["--mode", "account", "--op", "bind", "--tid", &t, "--user", user, "--outgoing"]);
+        self.must(&[
+            "--mode",
+            "account",
+            "--op",
+            "bind",
+            "--tid",
+            &t,
+            "--user",
+            user,
+            "--outgoing",
+        ]);
     }
 
     fn new_account(&mut self, user: &str, secret: &str) {
         if self.accounts.insert(user.to_string()) {
-            self.must(&["--mode", "account", "--op", "new", "--user", user, "--password", secret]);
+            self.must(&[
+                "--mode",
+                "account",
+                "--op",
+                "new",
+                "--user",
+                user,
+                "--password",
+                secret,
+            ]);
         }
     }
 
@@ -250,13 +324,22 @@ impl Tgtd {
     /// it applies to later logins.
     pub fn update_param(&self, tid: u32, name: &str, value: &str) {
         let t = tid.to_string();
-        self.must(&["--mode", "target", "--op", "update", "--tid", &t, "-n", name, "-v", value]);
+        self.must(&[
+            "--mode", "target", "--op", "update", "--tid", &t, "-n", name, "-v", value,
+        ]);
     }
 
     /// `tgtadm --op show --mode target --tid N`: the target's login parameters
     /// (`MaxBurstLength=262144`, ...), one per line.
     pub fn show_target(&self, tid: u32) -> String {
-        self.must(&["--mode", "target", "--op", "show", "--tid", &tid.to_string()])
+        self.must(&[
+            "--mode",
+            "target",
+            "--op",
+            "show",
+            "--tid",
+            &tid.to_string(),
+        ])
     }
 
     /// `tgtadm --op show --mode target`: every target with its LUNs (size, backing
@@ -319,7 +402,9 @@ fn free_port() -> u16 {
 
 /// True if process `pid` owns a socket listening on 127.0.0.1:`port` or *:`port`.
 fn listens(pid: u32, port: u16) -> bool {
-    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
     let inodes: HashSet<String> = fds
         .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
         .filter_map(|l| {
@@ -327,8 +412,13 @@ fn listens(pid: u32, port: u16) -> bool {
             Some(s.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
         })
         .collect();
-    let Ok(tcp) = fs::read_to_string("/proc/net/tcp") else { return false };
-    let want = [format!("0100007F:{port:04X}"), format!("00000000:{port:04X}")];
+    let Ok(tcp) = fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    let want = [
+        format!("0100007F:{port:04X}"),
+        format!("00000000:{port:04X}"),
+    ];
     tcp.lines().skip(1).any(|line| {
         let f: Vec<&str> = line.split_whitespace().collect();
         f.len() > 9 && want.iter().any(|w| w == f[1]) && f[3] == "0A" && inodes.contains(f[9])
@@ -352,7 +442,14 @@ mod tests {
 
     #[test]
     fn redact_hides_only_the_password() {
-        let s = redact(&["--op", "new", "--user", "bob", "--password", "hunter2hunter2"]);
+        let s = redact(&[
+            "--op",
+            "new",
+            "--user",
+            "bob",
+            "--password",
+            "hunter2hunter2",
+        ]);
         assert!(!s.contains("hunter2"), "{s}");
         assert!(s.contains("bob") && s.contains("<redacted>"), "{s}");
     }

@@ -32,5 +32,9 @@ pub fn run_script(script: &str, args: &[&str]) -> VmRun {
         .stdin(Stdio::null())
         .output()
         .unwrap_or_else(|e| panic!("cannot run qemu/{script}: {e}"));
-    VmRun { code: output.status.code(), output, wall: start.elapsed() }
+    VmRun {
+        code: output.status.code(),
+        output,
+        wall: start.elapsed(),
+    }
 }
