@@ -321,6 +321,22 @@ fn guest_vm_reports_exit_status_and_rejects_bad_sockets() {
         run.wall.as_secs_f64()
     );
     assert_eq!(run.code, Some(42), "{}", run.text());
+    // a hung guest is killed at --timeout and reported as 124
+    let hung = support::vm::run_script(
+        "run-guest.sh",
+        &[
+            "--sock",
+            sock,
+            "--queues",
+            "1",
+            "--timeout",
+            "3",
+            "--",
+            "sleep",
+            "600",
+        ],
+    );
+    assert_eq!(hung.code, Some(124), "{}", hung.text());
 }
 
 /// Soft-RoCE VM: tgtd and LIO answer libiscsi over iser://.
