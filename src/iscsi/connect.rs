@@ -14,7 +14,7 @@ use super::params::ParamOffer;
 use super::pdu::TargetPdu;
 use super::session::{Session, SessionStart};
 use crate::transport::tcp::TcpConnection;
-use crate::transport::{OutPdu, PduData, TransportError};
+use crate::transport::{OutPdu, PduData, Transport, TransportError};
 
 /// How many redirects one login follows.
 const MAX_REDIRECTS: u32 = 4;
@@ -152,7 +152,8 @@ impl Connector {
 
     fn login_once(&self, portal: &str, isid: [u8; 6]) -> Result<LoginResult, ConnectError> {
         let deadline = Instant::now() + self.cfg.login_timeout;
-        let mut conn = TcpConnection::connect(portal, self.cfg.login_timeout)?;
+        let mut conn: Box<dyn Transport> =
+            Box::new(TcpConnection::connect(portal, self.cfg.login_timeout)?);
         let mut lc = LoginConfig::new(
             portal,
             &self.cfg.initiator_name,
@@ -168,7 +169,7 @@ impl Connector {
         let mut neg = LoginNegotiator::new(lc)?;
         let mut pdu = neg.start()?;
         loop {
-            send(&mut conn, pdu, deadline)?;
+            send(conn.as_mut(), pdu, deadline)?;
             let resp = conn.recv_blocking(deadline)?;
             let decoded = TargetPdu::decode(&resp.bhs).map_err(|e| ConnectError::BadResponse {
                 portal: portal.to_string(),
@@ -221,13 +222,13 @@ enum LoginResult {
     Redirect(String),
 }
 
-fn send(conn: &mut TcpConnection, pdu: LoginPdu, deadline: Instant) -> Result<(), ConnectError> {
+fn send(conn: &mut dyn Transport, pdu: LoginPdu, deadline: Instant) -> Result<(), ConnectError> {
     let bhs = pdu.bhs();
     let data = if pdu.data.is_empty() {
         PduData::None
     } else {
         PduData::Owned(pdu.data)
     };
-    conn.send_blocking(OutPdu { bhs, data }, deadline)?;
+    conn.send_blocking(OutPdu::new(bhs, data), deadline)?;
     Ok(())
 }

@@ -22,8 +22,7 @@ use super::pdu::{
     ScsiCommand, ScsiResponse, SeqNums, TargetPdu, TaskAttr, RESERVED_TAG, U24,
 };
 use super::task::{DataDir, ScsiCommandReq, Task, TaskTable};
-use crate::transport::tcp::TcpConnection;
-use crate::transport::{OutPdu, PduData, RecvPlan, TransportError, BHS_LEN};
+use crate::transport::{OutPdu, PduData, RecvPlan, TaskBuffer, Transport, TransportError, BHS_LEN};
 
 /// Why a command or the session failed.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -86,7 +85,7 @@ pub struct SessionStart {
 
 /// One iSCSI session (one connection, ErrorRecoveryLevel 0).
 pub struct Session {
-    conn: TcpConnection,
+    conn: Box<dyn Transport>,
     portal: String,
     params: SessionParams,
     cmd_sn: u32,
@@ -102,7 +101,7 @@ pub struct Session {
 
 impl Session {
     /// A session over a connection that just completed login.
-    pub fn new(mut conn: TcpConnection, params: SessionParams, start: SessionStart) -> Self {
+    pub fn new(mut conn: Box<dyn Transport>, params: SessionParams, start: SessionStart) -> Self {
         conn.set_digests(
             params.header_digest == DigestKind::Crc32c,
             params.data_digest == DigestKind::Crc32c,
@@ -261,7 +260,9 @@ impl Session {
         } else {
             0
         };
-        let unsolicited_out = if is_write && !self.params.initial_r2t {
+        // iSER: the target fetches write data itself (RDMA Read); only
+        // immediate data rides with the command.
+        let unsolicited_out = if is_write && !self.params.initial_r2t && !self.conn.places_data() {
             first_burst - immediate
         } else {
             0
@@ -319,9 +320,19 @@ impl Session {
             _ => PduData::None,
         };
         let _ = tag;
+        let task = match (&buf, self.conn.places_data() && len > 0) {
+            (Some(b), true) => Some(TaskBuffer {
+                buf: b.clone(),
+                offset,
+                len,
+                target_writes: dir == DataDir::Read,
+            }),
+            _ => None,
+        };
         self.conn.queue(OutPdu {
             bhs: header.encode(),
             data,
+            task,
         });
         if unsolicited_out > 0 {
             if let Some(b) = buf {
@@ -366,14 +377,14 @@ impl Session {
                 data_sn,
                 buffer_offset: buf_off + sent,
             };
-            self.conn.queue(OutPdu {
-                bhs: h.encode(),
-                data: PduData::Buffer {
+            self.conn.queue(OutPdu::new(
+                h.encode(),
+                PduData::Buffer {
                     buf: buf.clone(),
                     offset: base + (buf_off + sent) as u64,
                     len: n,
                 },
-            });
+            ));
             sent += n;
             data_sn += 1;
         }
@@ -511,6 +522,9 @@ impl Session {
     }
 
     fn on_data_in(&mut self, d: DataIn, done: &mut Vec<ScsiResult>) -> Result<(), SessionError> {
+        if self.conn.places_data() {
+            return Err(self.violation("Data-In PDU on an iSER connection".into()));
+        }
         let portal = self.portal.clone();
         let dsl = d.data_segment_length.get() as u64;
         let Some(task) = self.tasks.get_mut(d.itt) else {
@@ -598,6 +612,9 @@ impl Session {
     }
 
     fn on_r2t(&mut self, r: R2t) -> Result<(), SessionError> {
+        if self.conn.places_data() {
+            return Err(self.violation("R2T PDU on an iSER connection".into()));
+        }
         self.update_seq(&r.seq, false)?;
         let max_burst = self.params.max_burst_length;
         let Some(task) = self.tasks.get_mut(r.itt) else {
@@ -652,14 +669,12 @@ impl Session {
                 cmd_sn: self.cmd_sn,
                 exp_stat_sn: self.exp_stat_sn,
             };
-            self.conn.queue(OutPdu {
-                bhs: h.encode(),
-                data: if data.is_empty() {
-                    PduData::None
-                } else {
-                    PduData::Owned(data)
-                },
-            });
+            let data = if data.is_empty() {
+                PduData::None
+            } else {
+                PduData::Owned(data)
+            };
+            self.conn.queue(OutPdu::new(h.encode(), data));
         }
         Ok(())
     }

@@ -6,7 +6,9 @@
 //! into the guest buffer of the task it belongs to, into a small owned buffer
 //! (text, sense), or nowhere (the session refused it).
 
+use std::os::fd::RawFd;
 use std::sync::Arc;
+use std::time::Instant;
 
 use libc::iovec;
 use thiserror::Error;
@@ -52,12 +54,119 @@ impl PduData {
     }
 }
 
+/// A SCSI command's whole data buffer, for transports that move command data
+/// themselves (iSER advertises it to the target as an STag and address).
+pub struct TaskBuffer {
+    /// The request's buffers.
+    pub buf: Arc<IoBuffers>,
+    /// Offset of the command's data in the buffers.
+    pub offset: u64,
+    /// Expected data transfer length.
+    pub len: u32,
+    /// True when the target writes into the buffer (a read command).
+    pub target_writes: bool,
+}
+
 /// An outgoing PDU.
 pub struct OutPdu {
     /// The Basic Header Segment (DataSegmentLength already set).
     pub bhs: [u8; BHS_LEN],
     /// The data segment.
     pub data: PduData,
+    /// For SCSI Command PDUs: the command's data buffer (used by iSER; TCP
+    /// moves data in Data-In/Data-Out PDUs instead).
+    pub task: Option<TaskBuffer>,
+}
+
+impl OutPdu {
+    /// A PDU with a header and an optional data segment.
+    pub fn new(bhs: [u8; BHS_LEN], data: PduData) -> Self {
+        OutPdu {
+            bhs,
+            data,
+            task: None,
+        }
+    }
+}
+
+/// A connection that carries iSCSI PDUs. One per session, driven by one
+/// thread; non-blocking, with a file descriptor for epoll.
+pub trait Transport: Send {
+    /// The portal, for log lines.
+    fn addr(&self) -> &str;
+    /// A descriptor that is readable when [`recv`](Self::recv) may make progress
+    /// (and writable when [`flush`](Self::flush) may).
+    fn fd(&self) -> RawFd;
+    /// Turns CRC32C header/data digests on or off (after login).
+    fn set_digests(&mut self, header: bool, data: bool);
+    /// Largest data segment we accept (our MaxRecvDataSegmentLength).
+    fn set_max_recv_data(&mut self, max: u32);
+    /// Queues a PDU; [`flush`](Self::flush) sends it.
+    fn queue(&mut self, pdu: OutPdu);
+    /// Sends what can be sent without blocking; true when nothing is left.
+    fn flush(&mut self) -> Result<bool, TransportError>;
+    /// Whether queued PDUs wait for the connection.
+    fn has_pending_output(&self) -> bool;
+    /// Receives the next complete PDU without blocking (Ok(None): not yet).
+    /// `plan` says, per header with a data segment, where the data goes.
+    fn recv(
+        &mut self,
+        plan: &mut dyn FnMut(&[u8; BHS_LEN]) -> RecvPlan,
+    ) -> Result<Option<InPdu>, TransportError>;
+    /// The transport moves command data itself (iSER: the target reads and
+    /// writes the buffer named with the command); the session then sends no
+    /// Data-Out and accepts no Data-In or R2T.
+    fn places_data(&self) -> bool {
+        false
+    }
+    /// Waits until the connection may make progress (login phase), or the deadline.
+    fn wait(&mut self, writable: bool, deadline: Instant) -> Result<(), TransportError> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(TransportError::Timeout {
+                addr: self.addr().to_string(),
+                what: if writable { "sending" } else { "a response" },
+            });
+        }
+        let mut pfd = libc::pollfd {
+            fd: self.fd(),
+            events: if writable {
+                libc::POLLOUT
+            } else {
+                libc::POLLIN
+            },
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let rc = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(TransportError::Io {
+                    addr: self.addr().to_string(),
+                    source: e,
+                });
+            }
+        }
+        Ok(())
+    }
+    /// Sends one PDU, waiting up to `deadline` (login phase).
+    fn send_blocking(&mut self, pdu: OutPdu, deadline: Instant) -> Result<(), TransportError> {
+        self.queue(pdu);
+        while !self.flush()? {
+            self.wait(true, deadline)?;
+        }
+        Ok(())
+    }
+    /// Receives one PDU into an owned buffer, waiting up to `deadline` (login phase).
+    fn recv_blocking(&mut self, deadline: Instant) -> Result<InPdu, TransportError> {
+        loop {
+            if let Some(p) = self.recv(&mut |_| RecvPlan::Owned)? {
+                return Ok(p);
+            }
+            self.wait(false, deadline)?;
+        }
+    }
 }
 
 /// Where the data segment of a received PDU goes.

@@ -11,11 +11,11 @@ use std::collections::VecDeque;
 use std::io;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, RawFd};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use libc::iovec;
 
-use super::{InPdu, OutPdu, PduData, RecvPlan, TransportError, BHS_LEN};
+use super::{InPdu, OutPdu, PduData, RecvPlan, Transport, TransportError, BHS_LEN};
 
 const DIGEST_LEN: usize = 4;
 /// BHS + the largest AHS (255 words) + header digest.
@@ -546,53 +546,35 @@ impl TcpConnection {
         }
         Ok(())
     }
+}
 
-    /// Sends one PDU, waiting up to `deadline` (login phase).
-    pub fn send_blocking(&mut self, pdu: OutPdu, deadline: Instant) -> Result<(), TransportError> {
-        self.queue(pdu);
-        while !self.flush()? {
-            self.wait(libc::POLLOUT, deadline, "sending")?;
-        }
-        Ok(())
+impl Transport for TcpConnection {
+    fn addr(&self) -> &str {
+        TcpConnection::addr(self)
     }
-
-    /// Receives one PDU into an owned buffer, waiting up to `deadline` (login phase).
-    pub fn recv_blocking(&mut self, deadline: Instant) -> Result<InPdu, TransportError> {
-        loop {
-            if let Some(p) = self.recv(&mut |_| RecvPlan::Owned)? {
-                return Ok(p);
-            }
-            self.wait(libc::POLLIN, deadline, "a response")?;
-        }
+    fn fd(&self) -> RawFd {
+        TcpConnection::fd(self)
     }
-
-    fn wait(
-        &self,
-        events: i16,
-        deadline: Instant,
-        what: &'static str,
-    ) -> Result<(), TransportError> {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(TransportError::Timeout {
-                addr: self.addr.clone(),
-                what,
-            });
-        }
-        let mut pfd = libc::pollfd {
-            fd: self.fd(),
-            events,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        let rc = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(self.io_err(e));
-            }
-        }
-        Ok(())
+    fn set_digests(&mut self, header: bool, data: bool) {
+        TcpConnection::set_digests(self, header, data)
+    }
+    fn set_max_recv_data(&mut self, max: u32) {
+        TcpConnection::set_max_recv_data(self, max)
+    }
+    fn queue(&mut self, pdu: OutPdu) {
+        TcpConnection::queue(self, pdu)
+    }
+    fn flush(&mut self) -> Result<bool, TransportError> {
+        TcpConnection::flush(self)
+    }
+    fn has_pending_output(&self) -> bool {
+        TcpConnection::has_pending_output(self)
+    }
+    fn recv(
+        &mut self,
+        plan: &mut dyn FnMut(&[u8; BHS_LEN]) -> RecvPlan,
+    ) -> Result<Option<InPdu>, TransportError> {
+        TcpConnection::recv(self, plan)
     }
 }
 
@@ -603,6 +585,7 @@ mod tests {
     use std::io::{Read, Write};
     use std::net::TcpListener;
     use std::sync::Arc;
+    use std::time::Instant;
 
     fn pair() -> (TcpConnection, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -625,7 +608,7 @@ mod tests {
             if let Some(p) = c.recv(plan).unwrap() {
                 return p;
             }
-            c.wait(libc::POLLIN, deadline, "test").unwrap();
+            Transport::wait(c, false, deadline).unwrap();
         }
     }
 
@@ -635,23 +618,17 @@ mod tests {
             let (mut c, mut s) = pair();
             c.set_digests(digests, digests);
             let buf = Arc::new(IoBuffers::from_vec((0..100u8).collect()));
-            c.queue(OutPdu {
-                bhs: bhs(0x05, 10),
-                data: PduData::Buffer {
+            c.queue(OutPdu::new(
+                bhs(0x05, 10),
+                PduData::Buffer {
                     buf: buf.clone(),
                     offset: 5,
                     len: 10,
                 },
-            });
-            c.queue(OutPdu {
-                bhs: bhs(0x00, 0),
-                data: PduData::None,
-            });
+            ));
+            c.queue(OutPdu::new(bhs(0x00, 0), PduData::None));
             c.send_blocking(
-                OutPdu {
-                    bhs: bhs(0x04, 3),
-                    data: PduData::Owned(vec![1, 2, 3]),
-                },
+                OutPdu::new(bhs(0x04, 3), PduData::Owned(vec![1, 2, 3])),
                 Instant::now() + Duration::from_secs(5),
             )
             .unwrap();
@@ -708,7 +685,7 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(5);
         let err = loop {
             match c.recv(&mut |_| RecvPlan::Owned) {
-                Ok(None) => c.wait(libc::POLLIN, deadline, "t").unwrap(),
+                Ok(None) => Transport::wait(&mut c, false, deadline).unwrap(),
                 Ok(Some(_)) => panic!("bad digest accepted"),
                 Err(e) => break e,
             }
@@ -723,7 +700,7 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(5);
         let err = loop {
             match c.recv(&mut |_| RecvPlan::Owned) {
-                Ok(None) => c.wait(libc::POLLIN, deadline, "t").unwrap(),
+                Ok(None) => Transport::wait(&mut c, false, deadline).unwrap(),
                 Ok(Some(_)) => panic!("accepted"),
                 Err(e) => break e,
             }
