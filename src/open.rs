@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::blk::mem::MemTarget;
 use crate::blk::target::{Target, TargetError};
 use crate::iscsi::chap::{ChapAlgorithm, ChapCredentials, ChapSecret};
-use crate::iscsi::connect::{ConnectConfig, Connector};
+use crate::iscsi::connect::{tcp_dialer, ConnectConfig, Connector};
 use crate::iscsi::login::MutualChap;
 use crate::iscsi::params::ParamOffer;
 use crate::iscsi::session::Session;
@@ -127,6 +127,8 @@ pub fn open_target(spec: &str, opts: &OpenOptions) -> Result<Arc<dyn Target>, Ta
         },
         params: opts.params.clone().unwrap_or_default(),
         login_timeout: opts.login_timeout.unwrap_or(Duration::from_secs(15)),
+        dial: tcp_dialer(),
+        iser: false,
     };
     let connector = Connector::new(cfg).map_err(|e| setup("preparing the login", Box::new(e)))?;
     let factory = Arc::new(IscsiSessions {
@@ -165,6 +167,13 @@ impl SessionFactory for IscsiSessions {
     }
 }
 
+impl ReadOnlyOverride {
+    /// The LUN underneath.
+    pub fn lun(&self) -> &ScsiLun {
+        &self.inner
+    }
+}
+
 /// `--read-only` on top of a LUN that allows writes.
 struct ReadOnlyOverride {
     inner: ScsiLun,
@@ -183,5 +192,9 @@ impl Target for ReadOnlyOverride {
         index: usize,
     ) -> Result<Box<dyn crate::blk::target::QueueTarget>, TargetError> {
         self.inner.open_queue(index)
+    }
+
+    fn update_memory(&self, mem: &std::sync::Arc<crate::blk::buffer::GuestMemoryMmap>) {
+        self.inner.update_memory(mem)
     }
 }

@@ -52,8 +52,20 @@ pub enum ConnectError {
     },
 }
 
+/// Opens a transport connection to a portal ("host:port") within a timeout.
+pub type Dialer = std::sync::Arc<
+    dyn Fn(&str, Duration) -> Result<Box<dyn Transport>, TransportError> + Send + Sync,
+>;
+
+/// The TCP dialer.
+pub fn tcp_dialer() -> Dialer {
+    std::sync::Arc::new(|portal: &str, timeout: Duration| {
+        Ok(Box::new(TcpConnection::connect(portal, timeout)?) as Box<dyn Transport>)
+    })
+}
+
 /// What every session of one target shares.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ConnectConfig {
     /// Portals ("host:port"), tried in order.
     pub portals: Vec<String>,
@@ -72,6 +84,22 @@ pub struct ConnectConfig {
     pub params: ParamOffer,
     /// Time allowed for connect + login.
     pub login_timeout: Duration,
+    /// How to open a connection (TCP or iSER).
+    pub dial: Dialer,
+    /// Negotiate iSER (RDMAExtensions=Yes and the iSER keys).
+    pub iser: bool,
+}
+
+impl std::fmt::Debug for ConnectConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectConfig")
+            .field("portals", &self.portals)
+            .field("target_name", &self.target_name)
+            .field("initiator_name", &self.initiator_name)
+            .field("chap", &self.chap.as_ref().map(|c| &c.username))
+            .field("iser", &self.iser)
+            .finish()
+    }
 }
 
 /// Opens sessions for the queues of one target.
@@ -152,8 +180,7 @@ impl Connector {
 
     fn login_once(&self, portal: &str, isid: [u8; 6]) -> Result<LoginResult, ConnectError> {
         let deadline = Instant::now() + self.cfg.login_timeout;
-        let mut conn: Box<dyn Transport> =
-            Box::new(TcpConnection::connect(portal, self.cfg.login_timeout)?);
+        let mut conn = (self.cfg.dial)(portal, self.cfg.login_timeout)?;
         let mut lc = LoginConfig::new(
             portal,
             &self.cfg.initiator_name,
@@ -166,6 +193,7 @@ impl Connector {
         lc.chap_algorithms = self.cfg.chap_algorithms.clone();
         lc.mutual_chap = self.cfg.mutual_chap.clone();
         lc.params = self.cfg.params.clone();
+        lc.iser = self.cfg.iser;
         let mut neg = LoginNegotiator::new(lc)?;
         let mut pdu = neg.start()?;
         loop {

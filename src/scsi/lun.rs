@@ -36,6 +36,9 @@ pub trait SessionFactory: Send + Sync {
     fn lun(&self) -> u64;
     /// "iqn... lun N at host:port", for log lines.
     fn describe(&self) -> String;
+    /// Guest memory changed: transports that register memory with a NIC
+    /// (iSER) do it here, once per region.
+    fn update_memory(&self, _mem: &Arc<crate::blk::buffer::GuestMemoryMmap>) {}
 }
 
 /// How many times a command is retried after a transient SCSI condition.
@@ -206,6 +209,10 @@ impl Target for ScsiLun {
             self.factory.clone(),
             self.info.clone(),
         )?))
+    }
+
+    fn update_memory(&self, mem: &Arc<crate::blk::buffer::GuestMemoryMmap>) {
+        self.factory.update_memory(mem);
     }
 }
 
