@@ -167,13 +167,6 @@ impl SessionFactory for IscsiSessions {
     }
 }
 
-impl ReadOnlyOverride {
-    /// The LUN underneath.
-    pub fn lun(&self) -> &ScsiLun {
-        &self.inner
-    }
-}
-
 /// `--read-only` on top of a LUN that allows writes.
 struct ReadOnlyOverride {
     inner: ScsiLun,
