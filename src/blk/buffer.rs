@@ -12,6 +12,7 @@ use std::any::Any;
 use std::sync::Arc;
 
 use libc::iovec;
+use smallvec::SmallVec;
 use thiserror::Error;
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -36,7 +37,8 @@ pub enum BufferError {
 /// Holds a reference to the memory mapping it points into, so the pointers stay
 /// valid until the request is dropped.
 pub struct IoBuffers {
-    iov: Vec<iovec>,
+    /// Most requests have one to four segments: keep them inline, no allocation.
+    iov: SmallVec<[iovec; 4]>,
     len: u64,
     /// Keeps the mapping (guest memory, or a test's own buffer) alive.
     _owner: Option<Arc<dyn Any + Send + Sync>>,
@@ -66,7 +68,7 @@ impl IoBuffers {
     /// An empty buffer list that keeps `mem` mapped while the request lives.
     pub fn new(mem: Arc<GuestMemoryMmap>) -> Self {
         IoBuffers {
-            iov: Vec::new(),
+            iov: SmallVec::new(),
             len: 0,
             _owner: Some(mem),
         }
@@ -75,7 +77,7 @@ impl IoBuffers {
     /// An empty buffer list that owns nothing (requests without data).
     pub fn empty() -> Self {
         IoBuffers {
-            iov: Vec::new(),
+            iov: SmallVec::new(),
             len: 0,
             _owner: None,
         }
@@ -89,9 +91,9 @@ impl IoBuffers {
         let owner: Arc<dyn Any + Send + Sync> = Arc::new(OwnedBuf(buf));
         IoBuffers {
             iov: if len == 0 {
-                Vec::new()
+                SmallVec::new()
             } else {
-                vec![iovec {
+                smallvec::smallvec![iovec {
                     iov_base: base.cast(),
                     iov_len: len,
                 }]

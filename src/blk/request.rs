@@ -165,7 +165,7 @@ pub struct ParsedRequest {
 /// One side (readable or writable) of a chain as (address, length) pieces.
 #[derive(Default)]
 struct Stream {
-    parts: Vec<(GuestAddress, u32)>,
+    parts: smallvec::SmallVec<[(GuestAddress, u32); 4]>,
     len: u64,
 }
 
