@@ -70,6 +70,11 @@ struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Do not touch the I/O buffers before the run. Pages the backend then writes first are
+    /// mapped only in the backend and show up as its Private memory in /proc/PID/smaps
+    /// (used to demonstrate that accounting; see README).
+    #[arg(long)]
+    no_prefault: bool,
 }
 
 /// Parses "4096", "4k", "1M", "2g" (powers of 1024).
@@ -289,10 +294,12 @@ fn run() -> Result<bool> {
         b.map_mem_region(&region)
             .context("Cannot register I/O buffer memory with the backend")?;
         let buf = region.addr as *mut u8;
-        // SAFETY: the region is a fresh read-write mapping of `buf_len` bytes owned by `b`.
         // Touching every page now makes them resident in this process too, so in the backend's
         // /proc/PID/smaps they count as Shared, not as the backend's private memory.
-        unsafe { std::ptr::write_bytes(buf, 0, buf_len) };
+        if !a.no_prefault {
+            // SAFETY: the region is a fresh read-write mapping of `buf_len` bytes owned by `b`.
+            unsafe { std::ptr::write_bytes(buf, 0, buf_len) };
+        }
         queues.push(QueueCtx {
             q,
             buf,
