@@ -475,7 +475,14 @@ fn submit(ctx: &mut QueueCtx, phase: &Phase, gen: &mut Gen, slots: &mut [Option<
     }
 }
 
-fn verify_read(ctx: &QueueCtx, res: &mut QueueResult, v: &Verify, bs: usize, id: usize, block: u64) {
+fn verify_read(
+    ctx: &QueueCtx,
+    res: &mut QueueResult,
+    v: &Verify,
+    bs: usize,
+    id: usize,
+    block: u64,
+) {
     let p = slot_ptr(ctx, bs, id);
     // SAFETY: the read into this slot has completed, so the device no longer writes it, and the
     // slot is not reused until after this check.

@@ -102,7 +102,9 @@ fn parse_size(s: &str) -> Result<u64, String> {
 
 /// Queue size big enough for `iodepth` requests of `DESCS_PER_REQUEST` descriptors each.
 fn default_queue_size(iodepth: usize) -> u32 {
-    let need = iodepth.saturating_mul(DESCS_PER_REQUEST).next_power_of_two();
+    let need = iodepth
+        .saturating_mul(DESCS_PER_REQUEST)
+        .next_power_of_two();
     u32::try_from(need.max(256)).unwrap_or(32768).min(32768)
 }
 
@@ -215,7 +217,10 @@ fn run() -> Result<bool> {
         bail!("--bs must be at least 1");
     }
     if a.verify && bs < pattern::MIN_BLOCK {
-        bail!("--verify needs --bs of at least {} bytes", pattern::MIN_BLOCK);
+        bail!(
+            "--verify needs --bs of at least {} bytes",
+            pattern::MIN_BLOCK
+        );
     }
     let queue_size = a.queue_size.unwrap_or(default_queue_size(a.iodepth));
     if (queue_size as usize) < a.iodepth.saturating_mul(DESCS_PER_REQUEST) {
@@ -242,7 +247,10 @@ fn run() -> Result<bool> {
 
     let req_align = u64::try_from(req_align.max(1)).unwrap_or(512);
     if a.bs % req_align != 0 {
-        bail!("--bs {} is not a multiple of the device's block size {req_align}", a.bs);
+        bail!(
+            "--bs {} is not a multiple of the device's block size {req_align}",
+            a.bs
+        );
     }
     let size = a.size.unwrap_or(capacity);
     if size > capacity {
@@ -300,11 +308,7 @@ fn run() -> Result<bool> {
             // SAFETY: the region is a fresh read-write mapping of `buf_len` bytes owned by `b`.
             unsafe { std::ptr::write_bytes(buf, 0, buf_len) };
         }
-        queues.push(QueueCtx {
-            q,
-            buf,
-            buf_len,
-        });
+        queues.push(QueueCtx { q, buf, buf_len });
     }
 
     let seed = a.seed.unwrap_or_else(|| {
@@ -382,7 +386,8 @@ fn run() -> Result<bool> {
     if let Some(v) = verify_report.as_mut() {
         v.reads_checked += res.verified;
         v.mismatches += res.mismatches;
-        v.first_mismatches.extend(res.mismatch_details.iter().cloned());
+        v.first_mismatches
+            .extend(res.mismatch_details.iter().cloned());
         if a.rw.has_writes() {
             let back = Phase {
                 rw: Rw::Read,

@@ -163,10 +163,7 @@ mod tests {
                 first_bad_byte: 1000
             })
         );
-        assert_eq!(
-            check(&[POISON; 512], 10, &[5]),
-            Err(Found::BufferUntouched)
-        );
+        assert_eq!(check(&[POISON; 512], 10, &[5]), Err(Found::BufferUntouched));
         let zeros = vec![0u8; 4096];
         assert_eq!(
             check(&zeros, 10, &[5]),

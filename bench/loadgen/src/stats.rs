@@ -14,7 +14,11 @@ pub struct LatencyHist(Histogram<u64>);
 impl LatencyHist {
     /// An empty histogram (1 ns .. 60 s, 3 significant figures: about 200 KiB).
     pub fn new() -> Result<Self, hdrhistogram::CreationError> {
-        Ok(LatencyHist(Histogram::new_with_bounds(1, MAX_TRACKABLE_NS, 3)?))
+        Ok(LatencyHist(Histogram::new_with_bounds(
+            1,
+            MAX_TRACKABLE_NS,
+            3,
+        )?))
     }
 
     /// Records one latency; values out of range are clamped rather than dropped so that the
@@ -107,6 +111,9 @@ mod tests {
         a.merge(&b);
         assert_eq!(a.len(), 2);
         assert!(a.summary_us().max >= 59_000_000.0);
-        assert_eq!(LatencyHist::new().unwrap().summary_us(), LatencySummary::default());
+        assert_eq!(
+            LatencyHist::new().unwrap().summary_us(),
+            LatencySummary::default()
+        );
     }
 }
