@@ -186,7 +186,7 @@ def render(runs_path, meta_path, out_path):
         recs = [r for r in runs if r["backend"] == b and "error" not in r]
         if not recs:
             continue
-        r = max(recs, key=lambda r: (r["queues"] * r["iodepth"], r["rep"]))
+        r = max(recs, key=lambda r: (r["queues"] * r["iodepth"], r["queues"], -r["rep"]))
         detail = (r.get("backend_mem_kib") or {}).get("detail") or {}
         for name, m in sorted((detail.get("memfd") or {}).items()):
             shared = m.get("Shared_Clean", 0) + m.get("Shared_Dirty", 0)
