@@ -24,6 +24,7 @@ usage: bench/vhost-layer.sh [options]
   --qsd-read-zeroes on|off  null-co read-zeroes (default on: like mem:, it fills the buffer)
   --out FILE             JSON output (default bench/results/vhost-layer.json)
   --no-build             do not run cargo (binaries must already exist)
+Environment: VHOST_ISER_GIT=<rev> is recorded in the JSON as the vhost-iser revision measured.
 EOF
 }
 
@@ -113,6 +114,9 @@ if want vhost-iser; then
         die "$iser_bin has no --target option: vhost-iser's RAM target (mem:) is not built yet; no numbers for vhost-iser (use --backends qsd)"
     fi
 fi
+# A freshly built binary's page-cache pages are dirty until written back, and while mapped they
+# count as the process's Private_Dirty: write them back so the memory numbers are the backend's.
+sync "$loadgen" ${iser_bin:+"$iser_bin"} 2>/dev/null || true
 if want qsd; then
     command -v qemu-storage-daemon >/dev/null || die "qemu-storage-daemon not found (package qemu-system-common)"
 fi
@@ -274,6 +278,8 @@ json.dump({
     "backend_cmds": json.loads('''$cmds_json'''),
     "git": sh("git", "-C", "$repo", "describe", "--always", "--dirty"),
     "vhost_iser_bin": "$iser_bin",
+    "vhost_iser_version": sh("$iser_bin", "--version") if "$iser_bin" else None,
+    "vhost_iser_git": os.environ.get("VHOST_ISER_GIT"),
     "qsd_version": sh("qemu-storage-daemon", "--version").splitlines()[0] if "$backends".find("qsd") >= 0 else None,
 }, open(sys.argv[1], "w"), indent=1)
 EOF
