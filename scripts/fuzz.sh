@@ -40,17 +40,21 @@ done
 cargo fuzz build --release
 
 failed=()
+summary=()
 for t in "${targets[@]}"; do
     echo "fuzz.sh: $t for ${secs}s" >&2
     mkdir -p "$scratch/$t"
     if ! cargo fuzz run --release "$t" "$scratch/$t" "fuzz/corpus/$t" -- \
-        -max_total_time="$secs" -rss_limit_mb=2048 -timeout=60; then
+        -max_total_time="$secs" -rss_limit_mb=2048 -timeout=60 2>&1 | tee "$scratch/$t.log" >&2; then
         failed+=("$t")
     fi
+    runs=$(grep -o 'Done [0-9]* runs' "$scratch/$t.log" | tail -n 1 | awk '{print $2}')
+    summary+=("$t: ${runs:-?} executions")
 done
 
+printf 'fuzz.sh: %s\n' "${summary[@]}" >&2
 if ((${#failed[@]})); then
-    echo "fuzz.sh: crashes in: ${failed[*]} (inputs in fuzz/artifacts/)" >&2
+    echo "fuzz.sh: FAILED (crash, or build error above): ${failed[*]} (crash inputs in fuzz/artifacts/)" >&2
     exit 1
 fi
 echo "fuzz.sh: ${#targets[@]} targets ran ${secs}s each without a crash" >&2
