@@ -177,21 +177,8 @@ fn four_queues_concurrent_load_verified() {
 }
 
 fn wait_all(q: &mut blkio::Blkioq, n: usize) {
-    let mut comps: Vec<std::mem::MaybeUninit<blkio::Completion>> =
-        (0..n).map(|_| std::mem::MaybeUninit::uninit()).collect();
-    let mut got = 0;
-    while got < n {
-        let mut timeout = std::time::Duration::from_secs(30);
-        let k = q
-            .do_io(&mut comps[..n - got], 1, Some(&mut timeout), None)
-            .expect("do_io");
-        assert!(k > 0, "timed out");
-        for c in &comps[..k] {
-            // SAFETY: initialised by do_io.
-            let c = unsafe { c.assume_init_read() };
-            assert_eq!(c.ret, 0, "request {} failed", c.user_data);
-        }
-        got += k;
+    for (req, ret) in client::drain(q, n) {
+        assert_eq!(ret, 0, "request {req} failed");
     }
 }
 

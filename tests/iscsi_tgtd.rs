@@ -8,7 +8,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
 use blkio::ReqFlags;
-use client::{pattern, Backend, Client};
+use client::{drain, pattern, Backend, Client};
 use support::tgtd::{Backing, Tgtd};
 
 const MIB: usize = 1 << 20;
@@ -128,25 +128,6 @@ fn four_queues_four_sessions_concurrent_verify() {
             );
         }
     }
-}
-
-fn drain(q: &mut blkio::Blkioq, n: usize) -> Vec<(usize, i32)> {
-    let mut out = Vec::new();
-    let mut comps: Vec<std::mem::MaybeUninit<blkio::Completion>> =
-        (0..n).map(|_| std::mem::MaybeUninit::uninit()).collect();
-    while out.len() < n {
-        let mut timeout = std::time::Duration::from_secs(60);
-        let k = q
-            .do_io(&mut comps[..n - out.len()], 1, Some(&mut timeout), None)
-            .expect("do_io");
-        assert!(k > 0, "timed out with {} of {n} done", out.len());
-        for c in &comps[..k] {
-            // SAFETY: do_io initialised them.
-            let c = unsafe { c.assume_init_read() };
-            out.push((c.user_data, c.ret));
-        }
-    }
-    out
 }
 
 #[test]

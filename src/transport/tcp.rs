@@ -293,20 +293,7 @@ impl TcpConnection {
     }
 
     fn io_err(&self, source: io::Error) -> TransportError {
-        if matches!(
-            source.kind(),
-            io::ErrorKind::ConnectionReset
-                | io::ErrorKind::BrokenPipe
-                | io::ErrorKind::ConnectionAborted
-        ) {
-            return TransportError::Closed {
-                addr: self.addr.clone(),
-            };
-        }
-        TransportError::Io {
-            addr: self.addr.clone(),
-            source,
-        }
+        io_error(&self.addr, source)
     }
 
     fn malformed(&self, reason: String) -> TransportError {
@@ -326,8 +313,8 @@ impl TcpConnection {
         {
             if !self.recv.in_data {
                 // Header phase.
-                let r = &mut self.recv;
-                while r.hdr_got < r.hdr_len {
+                while self.recv.hdr_got < self.recv.hdr_len {
+                    let r = &mut self.recv;
                     // SAFETY: reading into our own header buffer within bounds.
                     let n = unsafe {
                         libc::read(
@@ -336,20 +323,13 @@ impl TcpConnection {
                             r.hdr_len - r.hdr_got,
                         )
                     };
-                    if n == 0 {
-                        return Err(TransportError::Closed {
-                            addr: self.addr.clone(),
-                        });
-                    }
-                    if n < 0 {
-                        let e = io::Error::last_os_error();
-                        match e.kind() {
-                            io::ErrorKind::WouldBlock => return Ok(None),
-                            io::ErrorKind::Interrupted => continue,
-                            _ => return Err(self.io_err(e)),
-                        }
-                    }
-                    r.hdr_got += n as usize;
+                    let n = match read_outcome(n, &self.addr)? {
+                        Read::Got(n) => n,
+                        Read::WouldBlock => return Ok(None),
+                        Read::Interrupted => continue,
+                    };
+                    let r = &mut self.recv;
+                    r.hdr_got += n;
                     if r.hdr_got >= BHS_LEN && r.hdr_len == BHS_LEN {
                         // Now the AHS length is known.
                         r.hdr_len = BHS_LEN
@@ -468,8 +448,8 @@ impl TcpConnection {
                 });
             }
             // The next header rides along: one syscall per Data-In PDU.
-            let want_data: usize = iov.iter().map(|v| v.iov_len).sum();
             iov.truncate(MAX_IOV - 1);
+            let want_data: usize = iov.iter().map(|v| v.iov_len).sum();
             iov.push(iovec {
                 iov_base: r.hdr.as_mut_ptr().cast(),
                 iov_len: BHS_LEN,
@@ -478,20 +458,11 @@ impl TcpConnection {
             // guest buffer (kept mapped by the task), our own buffers.
             let n = unsafe { libc::readv(self.stream.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
             self.iov_scratch = iov;
-            if n == 0 {
-                return Err(TransportError::Closed {
-                    addr: self.addr.clone(),
-                });
-            }
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                match e.kind() {
-                    io::ErrorKind::WouldBlock => return Ok(false),
-                    io::ErrorKind::Interrupted => continue,
-                    _ => return Err(self.io_err(e)),
-                }
-            }
-            let mut n = n as usize;
+            let mut n = match read_outcome(n, &self.addr)? {
+                Read::Got(n) => n,
+                Read::WouldBlock => return Ok(false),
+                Read::Interrupted => continue,
+            };
             let r = &mut self.recv;
             let extra = n.saturating_sub(want_data);
             n -= extra;
@@ -545,6 +516,50 @@ impl TcpConnection {
             });
         }
         Ok(())
+    }
+}
+
+/// What a read/readv returned.
+enum Read {
+    Got(usize),
+    WouldBlock,
+    Interrupted,
+}
+
+/// Interprets a read(2)/readv(2) result: end of stream and errors become
+/// transport errors.
+fn read_outcome(n: isize, addr: &str) -> Result<Read, TransportError> {
+    if n > 0 {
+        return Ok(Read::Got(n as usize));
+    }
+    if n == 0 {
+        return Err(TransportError::Closed {
+            addr: addr.to_string(),
+        });
+    }
+    let e = io::Error::last_os_error();
+    match e.kind() {
+        io::ErrorKind::WouldBlock => Ok(Read::WouldBlock),
+        io::ErrorKind::Interrupted => Ok(Read::Interrupted),
+        _ => Err(io_error(addr, e)),
+    }
+}
+
+/// A socket error as a transport error; resets and broken pipes mean the peer left.
+fn io_error(addr: &str, source: io::Error) -> TransportError {
+    if matches!(
+        source.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted
+    ) {
+        return TransportError::Closed {
+            addr: addr.to_string(),
+        };
+    }
+    TransportError::Io {
+        addr: addr.to_string(),
+        source,
     }
 }
 

@@ -253,3 +253,22 @@ pub fn pattern(disk_off: u64, len: usize, seed: u8) -> Vec<u8> {
         })
         .collect()
 }
+
+/// Waits for `n` completions on a queue used from its own thread; returns (user_data, ret).
+pub fn drain(q: &mut blkio::Blkioq, n: usize) -> Vec<(usize, i32)> {
+    let mut out = Vec::new();
+    let mut comps: Vec<MaybeUninit<Completion>> = (0..n).map(|_| MaybeUninit::uninit()).collect();
+    while out.len() < n {
+        let mut timeout = Duration::from_secs(60);
+        let k = q
+            .do_io(&mut comps[..n - out.len()], 1, Some(&mut timeout), None)
+            .expect("do_io");
+        assert!(k > 0, "timed out with {} of {n} done", out.len());
+        for c in &comps[..k] {
+            // SAFETY: do_io initialised the first k entries.
+            let c = unsafe { c.assume_init_read() };
+            out.push((c.user_data, c.ret));
+        }
+    }
+    out
+}
