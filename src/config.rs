@@ -112,15 +112,16 @@ HTTP/1.0: GET /metrics. The unix socket answers an HTTP request on any path,
 and a client that sends nothing (or shuts down its write side) within
 200 ms gets the bare text (nc -U PATH </dev/null).
 
-  vhost_iser_requests_total{queue,op,status}   op: read, write, flush,
-      discard, write_zeroes, get_id; status: ok, ioerr, unsupp
+  vhost_iser_requests_total{queue,op,status}   requests answered; op: read,
+      write, flush, discard, write_zeroes, get_id; status: ok, ioerr, unsupp
   vhost_iser_bytes_total{queue,dir}            dir: read, write (successful
       requests only)
   vhost_iser_in_flight{queue}                  requests at the target now
   vhost_iser_request_latency_seconds{queue}    histogram (_bucket{le},
       _sum, _count), from taking a request off the ring to its completion;
       buckets 2.5 us to 25 s, 1-2.5-5 per decade
-  vhost_iser_bad_requests_total                malformed guest requests
+  vhost_iser_bad_requests_total                requests refused before the
+      target (malformed, out of range); not in requests_total
   vhost_iser_reconnects_total                  sessions re-established
   vhost_iser_reconnect_failures_total          failed reconnect attempts
   vhost_iser_build_info{version,commit}        always 1",

@@ -270,7 +270,7 @@ pub fn render(queues: &[Arc<QueueStats>]) -> String {
         &mut s,
         "bad_requests_total",
         "counter",
-        "Malformed requests from the guest (answered with an error or dropped).",
+        "Requests refused before the target (malformed, out of range); not in requests_total.",
     );
     let bad: u64 = queues
         .iter()
