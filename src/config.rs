@@ -440,22 +440,28 @@ fn line_of(text: &str, offset: usize) -> usize {
 }
 
 /// The key assigned on the line holding `offset`, or on the nearest line
-/// above it that starts an assignment (multi-line arrays).
+/// above it that starts an assignment (multi-line arrays); none past a
+/// table header.
 fn key_at(text: &str, offset: usize) -> Option<String> {
     let line = line_of(text, offset);
-    text.lines()
-        .take(line)
-        .collect::<Vec<_>>()
-        .iter()
-        .rev()
-        .find_map(|l| {
-            let (k, _) = l.split_once('=')?;
-            let k = k.trim().trim_matches('"');
-            (!k.is_empty()
-                && k.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'))
-            .then(|| k.to_string())
-        })
+    let lines: Vec<&str> = text.lines().take(line).collect();
+    for l in lines.iter().rev() {
+        let t = l.trim_start();
+        if t.starts_with('[') && !t.contains('=') {
+            return None;
+        }
+        let Some((k, _)) = t.split_once('=') else {
+            continue;
+        };
+        let k = k.trim().trim_matches('"');
+        if !k.is_empty()
+            && k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Some(k.to_string());
+        }
+    }
+    None
 }
 
 /// Parses a config file's text; `path` names it in messages and anchors
@@ -759,6 +765,8 @@ mod tests {
             e.contains(":1: key `metrics`: ") && e.contains("loopback"),
             "{e}"
         );
+        let e = err("target = \"mem:1M\"\n[foo\n");
+        assert!(e.starts_with("/etc/v.toml:2: unclosed table"), "{e}");
         let e = err("digests = \"crc\"\n");
         assert!(e.contains(":1: key `digests`: expected none"), "{e}");
     }
