@@ -837,6 +837,7 @@ mod tests {
                     started: t,
                 },
                 VIRTIO_BLK_S_OK,
+                std::time::Instant::now(),
             );
         }
         q.record_submit();
@@ -847,6 +848,7 @@ mod tests {
                 started: t,
             },
             VIRTIO_BLK_S_IOERR,
+            std::time::Instant::now(),
         );
         let text = render(&[q.clone(), Arc::new(QueueStats::default())]);
         let samples = parse(&text);
