@@ -2,6 +2,7 @@
 //! against the real binary driven by libblkio.
 
 mod client;
+mod support;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -499,6 +500,75 @@ fn tcp_metrics_on_loopback() {
             .is_some_and(|l| l.split_whitespace().take(3).eq(["0", "0", "100"])),
         "{table}"
     );
+}
+
+#[test]
+fn reconnects_are_counted() {
+    use support::tgtd::{Backing, Tgtd};
+    let mut t = Tgtd::start();
+    let tid = t.create_target("iqn.2026-11.vhost-iser.test:metrics");
+    t.add_lun(tid, 1, Backing::File(16 << 20)).expect("LUN");
+    t.bind_all(tid);
+    let mdir = tempfile::tempdir().unwrap();
+    let maddr = MetricsAddr::Unix(mdir.path().join("m.sock"));
+    let backend = Backend::start(&["--target", &t.url(tid, 1), "--metrics", &maddr.to_string()]);
+    let mut c = Client::connect(&backend.socket, 1, 2 * MIB);
+    drive(&mut c, 0, 4, 4, 4096);
+
+    // tgtd closes our connection (the session's I_T nexus).
+    let show = t.show();
+    let sid = show
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("I_T nexus: "))
+        .unwrap_or_else(|| panic!("no session in\n{show}"))
+        .trim()
+        .to_string();
+    t.tgtadm(&[
+        "--mode",
+        "conn",
+        "--op",
+        "delete",
+        "--tid",
+        &tid.to_string(),
+        "--sid",
+        &sid,
+        "--cid",
+        "0",
+    ])
+    .expect("delete the connection");
+    // The next requests fail or succeed; within a few seconds they succeed
+    // again over a new session.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut failed = 0;
+    loop {
+        if c.read(0, 0, MIB, 4096) == 0 {
+            break;
+        }
+        failed += 1;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reconnect; log:\n{}",
+            backend.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(c.buf()[MIB..MIB + 4096] == pattern(0, 4096, 5)[..]);
+    let s = metrics::parse(&metrics::fetch(&maddr).unwrap());
+    assert_eq!(
+        value(&s, "vhost_iser_reconnects_total", &[]),
+        1.0,
+        "log:\n{}",
+        backend.log()
+    );
+    let ioerr = value(
+        &s,
+        "vhost_iser_requests_total",
+        &[("queue", "0"), ("op", "read"), ("status", "ioerr")],
+    );
+    assert_eq!(ioerr, failed as f64);
+    let log = backend.log();
+    assert!(log.contains("reconnected to"), "{log}");
+    assert_log_layout(&log);
 }
 
 #[test]
