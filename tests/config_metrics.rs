@@ -500,6 +500,13 @@ fn tcp_metrics_on_loopback() {
             .is_some_and(|l| l.split_whitespace().take(3).eq(["0", "0", "100"])),
         "{table}"
     );
+    let raw = Command::new(BIN)
+        .args(["stats", "--raw", "--metrics", &addr])
+        .output()
+        .unwrap();
+    let raw = String::from_utf8(raw.stdout).unwrap();
+    assert!(raw.starts_with("# HELP vhost_iser_build_info "), "{raw}");
+    assert!(raw.contains("vhost_iser_bytes_total{queue=\"0\",dir=\"write\"} 409600\n"));
 }
 
 #[test]
