@@ -10,7 +10,9 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod blk;
+pub mod config;
 pub mod iscsi;
+pub mod metrics;
 pub mod open;
 pub mod scsi;
 pub mod transport;

@@ -1,7 +1,7 @@
 //! `vhost-iser`: serve one VM's disk from a remote iSCSI LUN (or RAM) as a
 //! vhost-user-blk device.
 
-use std::path::PathBuf;
+use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,84 +11,54 @@ use log::{error, info, warn};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use vhost_iser::iscsi::params::{DigestKind, ParamOffer};
-use vhost_iser::open::{open_target, OpenOptions};
-use vhost_iser::vhost::backend::{serve, BlkBackend, DeviceOptions};
-
-/// Serve a virtual machine's disk from a remote iSCSI target (iSER or TCP)
-/// as a vhost-user-blk device.
-#[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
-struct Args {
-    /// Unix socket QEMU connects to (created; a stale file is replaced).
-    #[arg(long, value_name = "PATH")]
-    socket: PathBuf,
-
-    /// Target: mem:SIZE, iscsi://[user@]host[:port]/iqn/lun or iser://...
-    #[arg(long, value_name = "URL")]
-    target: String,
-
-    /// Number of virtqueues, each with its own worker thread (and session).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
-    queues: u16,
-
-    /// Largest virtqueue size the frontend may choose (power of two).
-    #[arg(long, default_value_t = 256)]
-    queue_size: u16,
-
-    /// Expose the disk read-only.
-    #[arg(long)]
-    read_only: bool,
-
-    /// Serial number reported to the guest (default: the target's).
-    #[arg(long, value_name = "S")]
-    serial: Option<String>,
-
-    /// Our iSCSI initiator name (default: iqn.2026-11.io.vhost-iser:HOSTNAME).
-    #[arg(long, value_name = "IQN")]
-    initiator_name: Option<String>,
-
-    /// Another portal of the same target (host:port); repeat for several.
-    #[arg(long = "portal", value_name = "HOST:PORT")]
-    portals: Vec<String>,
-
-    /// CHAP user name (or user@ in the URL).
-    #[arg(long, value_name = "NAME")]
-    chap_user: Option<String>,
-
-    /// File with the CHAP secret (default: $VHOST_ISER_CHAP_SECRET). Never on the command line.
-    #[arg(long, value_name = "FILE")]
-    chap_secret_file: Option<PathBuf>,
-
-    /// Offer CHAP with SHA-256 before MD5 (targets that read CHAP_A=7 as SHA-256: LIO, open-iscsi's).
-    #[arg(long)]
-    chap_sha256: bool,
-
-    /// CRC32C digests to ask for: none, header, data or both.
-    #[arg(long, default_value = "none", value_parser = ["none", "header", "data", "both"])]
-    digests: String,
-
-    /// Mutual CHAP: the name the target must present.
-    #[arg(long, value_name = "NAME")]
-    target_chap_user: Option<String>,
-
-    /// Mutual CHAP: file with the target's secret (default: $VHOST_ISER_TARGET_CHAP_SECRET).
-    #[arg(long, value_name = "FILE")]
-    target_chap_secret_file: Option<PathBuf>,
-
-    /// Log level: error, warn, info, debug, trace (RUST_LOG overrides).
-    #[arg(long, default_value = "info", value_name = "L")]
-    log_level: log::LevelFilter,
-}
+use vhost_iser::config::{Cli, Command, Options};
+use vhost_iser::metrics::{self, MetricsAddr, MetricsServer};
+use vhost_iser::open::open_target;
+use vhost_iser::vhost::backend::{serve, BlkBackend};
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    env_logger::Builder::new()
-        .filter_level(args.log_level)
-        .parse_env("RUST_LOG")
-        .format_timestamp_millis()
-        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Stats { metrics, raw }) => return stats(&metrics, raw),
+        Some(Command::Man) => return man(),
+        None => {}
+    }
+    let opts = match cli.serve.resolve() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("vhost-iser: {}", error_chain(&e));
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(opts.log_level);
+    run(&opts)
+}
 
+/// `TIMESTAMP LEVEL module: message`, one line per event.
+fn init_logging(level: log::LevelFilter) {
+    env_logger::Builder::new()
+        .filter_level(level)
+        .parse_env("RUST_LOG")
+        .format(|buf, rec| {
+            writeln!(
+                buf,
+                "{} {:<5} {}: {}",
+                buf.timestamp_millis(),
+                rec.level(),
+                rec.target(),
+                rec.args()
+            )
+        })
+        .init();
+}
+
+fn run(opts: &Options) -> ExitCode {
+    info!(
+        "vhost-iser {} starting: target {}, socket {}",
+        vhost_iser::config::VERSION,
+        opts.target,
+        opts.socket.display()
+    );
     // Signals go to one thread only, so they never interrupt a worker.
     let mut signals = match Signals::new([SIGINT, SIGTERM]) {
         Ok(s) => s,
@@ -97,20 +67,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-
-    let open_opts = OpenOptions {
-        read_only: args.read_only,
-        initiator_name: args.initiator_name.clone(),
-        extra_portals: args.portals.clone(),
-        chap_user: args.chap_user.clone(),
-        chap_secret_file: args.chap_secret_file.clone(),
-        target_chap_user: args.target_chap_user.clone(),
-        target_chap_secret_file: args.target_chap_secret_file.clone(),
-        chap_sha256: args.chap_sha256,
-        params: Some(param_offer(&args.digests)),
-        ..OpenOptions::default()
-    };
-    let target = match open_target(&args.target, &open_opts) {
+    let target = match open_target(&opts.target, &opts.open_options()) {
         Ok(t) => t,
         Err(e) => {
             error!("{}", error_chain(&e));
@@ -119,13 +76,8 @@ fn main() -> ExitCode {
             return ExitCode::from(if usage { 2 } else { 1 });
         }
     };
-    let opts = DeviceOptions {
-        num_queues: args.queues as usize,
-        queue_size: args.queue_size as usize,
-        read_only: args.read_only,
-        serial: args.serial.clone(),
-    };
-    let backend = match BlkBackend::new(target, &opts) {
+    let dev = opts.device_options();
+    let backend = match BlkBackend::new(target, &dev) {
         Ok(b) => Arc::new(b),
         Err(e) => {
             error!("{}", error_chain(&e));
@@ -138,12 +90,23 @@ fn main() -> ExitCode {
         info.capacity_sectors,
         info.capacity_sectors / 2048,
         info.logical_block_size,
-        opts.num_queues,
+        dev.num_queues,
         if info.read_only { ", read-only" } else { "" }
     );
+    let metrics_server = match &opts.metrics {
+        Some(addr) => match MetricsServer::start(addr, backend.stats().to_vec()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                error!("{}", error_chain(&e));
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
 
     let drain_backend = backend.clone();
-    let socket = args.socket.clone();
+    let socket = opts.socket.clone();
+    let metrics_socket = metrics_server.as_ref().map(|m| m.addr().clone());
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -155,35 +118,54 @@ fn main() -> ExitCode {
                     warn!("{left} requests did not complete within 30 s");
                 }
                 let _ = std::fs::remove_file(&socket);
+                if let Some(MetricsAddr::Unix(p)) = &metrics_socket {
+                    let _ = std::fs::remove_file(p);
+                }
                 info!("exiting");
                 std::process::exit(if left == 0 { 0 } else { 1 });
             }
         })
         .expect("spawning the signal thread");
 
-    match serve(backend, &args.socket) {
+    match serve(backend, &opts.socket) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{}", error_chain(&e));
-            let _ = std::fs::remove_file(&args.socket);
+            let _ = std::fs::remove_file(&opts.socket);
+            if let Some(m) = &metrics_server {
+                m.remove_socket();
+            }
             ExitCode::FAILURE
         }
     }
 }
 
-/// Login proposals from the command line.
-fn param_offer(digests: &str) -> ParamOffer {
-    let want = |on: bool| {
-        if on {
-            vec![DigestKind::Crc32c, DigestKind::None]
-        } else {
-            vec![DigestKind::None, DigestKind::Crc32c]
+/// `vhost-iser stats`: the counters of a running instance as a table.
+fn stats(addr: &MetricsAddr, raw: bool) -> ExitCode {
+    match metrics::fetch(addr) {
+        Ok(text) if raw => {
+            print!("{text}");
+            ExitCode::SUCCESS
         }
-    };
-    ParamOffer {
-        header_digest: want(matches!(digests, "header" | "both")),
-        data_digest: want(matches!(digests, "data" | "both")),
-        ..ParamOffer::default()
+        Ok(text) => {
+            print!("{}", metrics::table(&metrics::parse(&text)));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("vhost-iser: {}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `vhost-iser man`: the manual page, for man/vhost-iser.1.
+fn man() -> ExitCode {
+    match vhost_iser::config::man_page().and_then(|p| std::io::stdout().write_all(&p)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vhost-iser: cannot write the manual page: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

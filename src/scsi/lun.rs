@@ -596,6 +596,7 @@ impl LunQueue {
                 ) {
                     error!("queue {}: cannot watch the new connection: {e}", self.index);
                 }
+                crate::metrics::RECONNECTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 info!(
                     "queue {}: reconnected to {}",
                     self.index,
@@ -603,11 +604,15 @@ impl LunQueue {
                 );
                 self.session = s;
             }
-            Err(e) => warn!(
-                "queue {}: reconnect to {} failed: {e}",
-                self.index,
-                self.factory.describe()
-            ),
+            Err(e) => {
+                crate::metrics::RECONNECT_FAILURES
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                warn!(
+                    "queue {}: reconnect to {} failed: {e}",
+                    self.index,
+                    self.factory.describe()
+                )
+            }
         }
     }
 

@@ -20,20 +20,59 @@ use crate::blk::request::{
     VIRTIO_BLK_S_UNSUPP,
 };
 use crate::blk::target::{BlockOp, BlockStatus, Completion, QueueTarget};
+use crate::metrics::{self, LatencyHistogram, StatOp, StatStamp};
 
-/// Counters of one queue, readable from other threads (metrics).
+/// Counters of one queue, written by its worker only and readable from
+/// other threads (metrics); atomics, no locks.
 #[derive(Default, Debug)]
 pub struct QueueStats {
-    /// Requests completed OK.
-    pub completed: AtomicU64,
-    /// Requests completed with an error status.
-    pub errors: AtomicU64,
+    /// Completed requests by [`StatOp`] and status (see [`metrics::STATUS_NAMES`]).
+    requests: [[AtomicU64; 3]; StatOp::ALL.len()],
     /// Chains refused as malformed.
     pub bad_requests: AtomicU64,
-    /// Bytes read by the guest.
+    /// Bytes read by the guest (successful requests).
     pub read_bytes: AtomicU64,
-    /// Bytes written by the guest.
+    /// Bytes written by the guest (successful requests).
     pub write_bytes: AtomicU64,
+    /// Requests handed to the target and not completed yet.
+    pub in_flight: AtomicU64,
+    /// Time from taking a request off the ring to its completion.
+    pub latency: LatencyHistogram,
+}
+
+impl QueueStats {
+    /// Completed requests of `op` with status index `status` (0 ok, 1 ioerr, 2 unsupp).
+    pub fn requests(&self, op: StatOp, status: usize) -> u64 {
+        self.requests[op as usize]
+            .get(status)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    /// A request was handed to the target.
+    pub fn record_submit(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request handed to the target completed with virtio-blk `status`
+    /// (`now`: read once per batch of completions, clock reads are not free).
+    pub fn record_done(&self, stamp: StatStamp, status: u8, now: Instant) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.latency
+            .observe(now.saturating_duration_since(stamp.started));
+        self.record_answer(stamp.op, stamp.bytes, status);
+    }
+
+    /// A request was answered (by the target or by the backend itself).
+    pub fn record_answer(&self, op: StatOp, bytes: u64, status: u8) {
+        self.requests[op as usize][metrics::status_index(status)].fetch_add(1, Ordering::Relaxed);
+        if status == VIRTIO_BLK_S_OK {
+            match op {
+                StatOp::Read => self.read_bytes.fetch_add(bytes, Ordering::Relaxed),
+                StatOp::Write => self.write_bytes.fetch_add(bytes, Ordering::Relaxed),
+                _ => 0,
+            };
+        }
+    }
 }
 
 /// A request handed to the target, waiting for its completion.
@@ -41,6 +80,7 @@ struct InFlight {
     head_index: u16,
     status_addr: GuestAddress,
     used_len: u32,
+    stat: StatStamp,
 }
 
 /// Limits the log lines a misbehaving guest can cause: a burst, then one line
@@ -216,6 +256,7 @@ impl QueueWorker {
     fn pop_and_submit(&mut self, vring: &VringRwLock, mem: &GuestMemoryAtomic<GuestMemoryMmap>) {
         let guard = mem.memory();
         let snapshot: Arc<GuestMemoryMmap> = guard.into_inner();
+        let batch_start = Instant::now();
         loop {
             let chain = {
                 let mut state = vring.get_mut();
@@ -257,6 +298,7 @@ impl QueueWorker {
             match request {
                 Request::GetId { data } => {
                     data.write_at(0, &self.serial);
+                    self.stats.record_answer(StatOp::GetId, 0, VIRTIO_BLK_S_OK);
                     self.finish(
                         vring,
                         &snapshot,
@@ -267,25 +309,22 @@ impl QueueWorker {
                     );
                 }
                 Request::Block(mut req) => {
-                    match req.op {
-                        BlockOp::Read => self
-                            .stats
-                            .read_bytes
-                            .fetch_add(req.data.len(), Ordering::Relaxed),
-                        BlockOp::Write { .. } => {
-                            if !self.writeback.load(Ordering::Relaxed) {
-                                req.op = BlockOp::Write { fua: true };
-                            }
-                            self.stats
-                                .write_bytes
-                                .fetch_add(req.data.len(), Ordering::Relaxed)
+                    if let BlockOp::Write { .. } = req.op {
+                        if !self.writeback.load(Ordering::Relaxed) {
+                            req.op = BlockOp::Write { fua: true };
                         }
-                        _ => 0,
+                    }
+                    let stat = StatStamp {
+                        op: StatOp::of(&req.op),
+                        bytes: req.data.len(),
+                        started: batch_start,
                     };
+                    self.stats.record_submit();
                     let tag = self.alloc_slot(InFlight {
                         head_index: parsed.head_index,
                         status_addr,
                         used_len: parsed.used_len,
+                        stat,
                     });
                     self.target.submit(tag, req);
                 }
@@ -302,6 +341,7 @@ impl QueueWorker {
             return;
         }
         let snapshot = mem.memory();
+        let now = Instant::now();
         for c in done.drain(..) {
             let Some(entry) = self.slots.get_mut(c.tag as usize).and_then(Option::take) else {
                 error!(
@@ -316,6 +356,7 @@ impl QueueWorker {
                 BlockStatus::IoError => (VIRTIO_BLK_S_IOERR, 1),
                 BlockStatus::Unsupported => (VIRTIO_BLK_S_UNSUPP, 1),
             };
+            self.stats.record_done(entry.stat, status, now);
             self.finish(
                 vring,
                 &snapshot,
@@ -338,11 +379,6 @@ impl QueueWorker {
         len: u32,
         status: u8,
     ) {
-        if status == VIRTIO_BLK_S_OK {
-            self.stats.completed.fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.stats.errors.fetch_add(1, Ordering::Relaxed);
-        }
         if let Err(e) = mem.write_obj(status, status_addr) {
             // The guest changed its memory map under an in-flight request.
             warn!(
