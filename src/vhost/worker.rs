@@ -9,10 +9,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use log::{error, warn};
+use log::{error, info, warn};
 use vhost_user_backend::{VringRwLock, VringT};
-use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+    GuestRegionMmap,
+};
 
 use crate::blk::buffer::GuestMemoryMmap;
 use crate::blk::request::{
@@ -20,6 +23,8 @@ use crate::blk::request::{
     VIRTIO_BLK_S_UNSUPP,
 };
 use crate::blk::target::{BlockOp, BlockStatus, Completion, QueueTarget};
+
+use super::inflight::QueueInflight;
 
 /// Counters of one queue, readable from other threads (metrics).
 #[derive(Default, Debug)]
@@ -99,6 +104,11 @@ pub struct QueueWorker {
     /// Guest memory, set when the frontend sends its memory table.
     mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
     stats: Arc<QueueStats>,
+    /// Inflight tracking shared with the front-end (INFLIGHT_SHMFD).
+    inflight: Option<QueueInflight>,
+    /// The inflight region arrived: check it for requests a previous
+    /// back-end left in flight before taking new ones.
+    recover_pending: bool,
 }
 
 impl QueueWorker {
@@ -127,6 +137,8 @@ impl QueueWorker {
             pending_signal: false,
             mem: None,
             stats: Arc::new(QueueStats::default()),
+            inflight: None,
+            recover_pending: false,
         }
     }
 
@@ -173,6 +185,9 @@ impl QueueWorker {
             return;
         };
         let mem = &mem;
+        if std::mem::take(&mut self.recover_pending) {
+            self.resubmit_inflight(vring, mem);
+        }
         loop {
             if event_idx {
                 if let Err(e) = vring.disable_notification() {
@@ -208,6 +223,13 @@ impl QueueWorker {
         self.mem = Some(mem);
     }
 
+    /// Attaches the queue's inflight tracker (SET_INFLIGHT_FD); the next kick
+    /// first resubmits what a previous back-end left in flight.
+    pub fn set_inflight(&mut self, tracker: Option<QueueInflight>) {
+        self.recover_pending = tracker.is_some();
+        self.inflight = tracker;
+    }
+
     /// Stops taking new requests from the ring (in-flight ones still complete).
     pub fn start_draining(&mut self) {
         self.draining = true;
@@ -224,71 +246,145 @@ impl QueueWorker {
                     None => break,
                 }
             };
-            let parsed = parse_request(chain, &snapshot, &self.limits);
-            let request = match parsed.request {
-                Ok(r) => r,
+            self.submit_chain(vring, chain, &snapshot);
+        }
+    }
+
+    /// Re-reads the heads a previous back-end process had taken and not
+    /// completed (recorded in the inflight region), submits them again in
+    /// their original order, and moves the ring past them.
+    fn resubmit_inflight(&mut self, vring: &VringRwLock, mem: &GuestMemoryAtomic<GuestMemoryMmap>) {
+        let Some(tracker) = self.inflight.as_mut() else {
+            return;
+        };
+        let snapshot: Arc<GuestMemoryMmap> = mem.memory().into_inner();
+        let (size, desc_table, used_idx) = {
+            let state = vring.get_ref();
+            let q = state.get_queue();
+            match q.used_idx(&*snapshot, Ordering::Acquire) {
+                Ok(u) => (q.size(), q.desc_table(), u.0),
                 Err(e) => {
-                    self.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
-                    if let Some(suppressed) = self.bad_input_log.allow() {
-                        warn!(
-                            "queue {}: bad request from guest (descriptor {}): {e}{}",
-                            self.index,
-                            parsed.head_index,
-                            if suppressed > 0 {
-                                format!(" ({suppressed} similar lines suppressed)")
-                            } else {
-                                String::new()
-                            }
-                        );
-                    }
-                    match parsed.status_addr {
-                        Some(addr) => {
-                            self.finish(vring, &snapshot, parsed.head_index, addr, 1, e.status())
-                        }
-                        // No status byte: return the chain unanswered so the ring keeps moving.
-                        None => self.add_used(vring, parsed.head_index, 0),
-                    }
-                    continue;
+                    warn!(
+                        "queue {}: cannot read the used index, inflight requests not resubmitted: {e}",
+                        self.index
+                    );
+                    return;
                 }
-            };
-            let Some(status_addr) = parsed.status_addr else {
-                continue; // parse_request never returns Ok without a status byte
-            };
-            match request {
-                Request::GetId { data } => {
-                    data.write_at(0, &self.serial);
-                    self.finish(
-                        vring,
-                        &snapshot,
+            }
+        };
+        let heads = match tracker.recover(size, used_idx) {
+            Ok(h) => h,
+            Err(e) => {
+                warn!("{e}; continuing without resubmission");
+                return;
+            }
+        };
+        if heads.len() > usize::from(size) {
+            warn!("queue {}: inflight region lists too many heads", self.index);
+            return;
+        }
+        // Everything between the used index and used + in-flight was taken.
+        vring.set_queue_next_avail(used_idx.wrapping_add(heads.len() as u16));
+        if heads.is_empty() {
+            return;
+        }
+        let replay = match ReplayRing::new(&snapshot, desc_table, size, &heads) {
+            Ok(r) => r,
+            Err(e) => {
+                error!(
+                    "queue {}: cannot rebuild {} inflight requests: {e}",
+                    self.index,
+                    heads.len()
+                );
+                return;
+            }
+        };
+        let mut queue = replay.queue;
+        let mut n = 0usize;
+        while let Some(chain) = queue.pop_descriptor_chain(&replay.mem) {
+            self.submit_chain(vring, chain, &snapshot);
+            n += 1;
+        }
+        info!(
+            "queue {}: resubmitted {n} inflight requests left by the previous back-end",
+            self.index
+        );
+    }
+
+    /// Parses one popped chain and hands it to the target (or answers it).
+    fn submit_chain(
+        &mut self,
+        vring: &VringRwLock,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        snapshot: &Arc<GuestMemoryMmap>,
+    ) {
+        if let Some(t) = self.inflight.as_mut() {
+            t.popped(chain.head_index());
+        }
+        let parsed = parse_request(chain, snapshot, &self.limits);
+        let request = match parsed.request {
+            Ok(r) => r,
+            Err(e) => {
+                self.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+                if let Some(suppressed) = self.bad_input_log.allow() {
+                    warn!(
+                        "queue {}: bad request from guest (descriptor {}): {e}{}",
+                        self.index,
                         parsed.head_index,
-                        status_addr,
-                        parsed.used_len,
-                        VIRTIO_BLK_S_OK,
+                        if suppressed > 0 {
+                            format!(" ({suppressed} similar lines suppressed)")
+                        } else {
+                            String::new()
+                        }
                     );
                 }
-                Request::Block(mut req) => {
-                    match req.op {
-                        BlockOp::Read => self
-                            .stats
-                            .read_bytes
-                            .fetch_add(req.data.len(), Ordering::Relaxed),
-                        BlockOp::Write { .. } => {
-                            if !self.writeback.load(Ordering::Relaxed) {
-                                req.op = BlockOp::Write { fua: true };
-                            }
-                            self.stats
-                                .write_bytes
-                                .fetch_add(req.data.len(), Ordering::Relaxed)
-                        }
-                        _ => 0,
-                    };
-                    let tag = self.alloc_slot(InFlight {
-                        head_index: parsed.head_index,
-                        status_addr,
-                        used_len: parsed.used_len,
-                    });
-                    self.target.submit(tag, req);
+                match parsed.status_addr {
+                    Some(addr) => {
+                        self.finish(vring, &snapshot, parsed.head_index, addr, 1, e.status())
+                    }
+                    // No status byte: return the chain unanswered so the ring keeps moving.
+                    None => self.add_used(vring, parsed.head_index, 0),
                 }
+                return;
+            }
+        };
+        let Some(status_addr) = parsed.status_addr else {
+            return; // parse_request never returns Ok without a status byte
+        };
+        match request {
+            Request::GetId { data } => {
+                data.write_at(0, &self.serial);
+                self.finish(
+                    vring,
+                    &snapshot,
+                    parsed.head_index,
+                    status_addr,
+                    parsed.used_len,
+                    VIRTIO_BLK_S_OK,
+                );
+            }
+            Request::Block(mut req) => {
+                match req.op {
+                    BlockOp::Read => self
+                        .stats
+                        .read_bytes
+                        .fetch_add(req.data.len(), Ordering::Relaxed),
+                    BlockOp::Write { .. } => {
+                        if !self.writeback.load(Ordering::Relaxed) {
+                            req.op = BlockOp::Write { fua: true };
+                        }
+                        self.stats
+                            .write_bytes
+                            .fetch_add(req.data.len(), Ordering::Relaxed)
+                    }
+                    _ => 0,
+                };
+                let tag = self.alloc_slot(InFlight {
+                    head_index: parsed.head_index,
+                    status_addr,
+                    used_len: parsed.used_len,
+                });
+                self.target.submit(tag, req);
             }
         }
     }
@@ -354,11 +450,17 @@ impl QueueWorker {
     }
 
     fn add_used(&mut self, vring: &VringRwLock, head: u16, len: u32) {
+        if let Some(t) = &self.inflight {
+            t.before_used(head);
+        }
         if let Err(e) = vring.add_used(head, len) {
             warn!(
                 "queue {}: cannot add descriptor {head} to the used ring: {e}",
                 self.index
             );
+        }
+        if let Some(t) = &self.inflight {
+            t.after_used(head, vring.get_ref().get_queue().next_used());
         }
         self.pending_signal = true;
     }
@@ -377,5 +479,63 @@ impl QueueWorker {
             Ok(false) => {}
             Err(e) => warn!("queue {}: cannot check notification: {e}", self.index),
         }
+    }
+}
+
+/// A private copy of a ring's avail side listing given heads, so the heads a
+/// crashed back-end left in flight can be popped again through virtio-queue's
+/// own (bounds-checked) descriptor walking. The descriptor table stays the
+/// guest's; only the avail and used rings live in a scratch region placed
+/// above the guest's memory in a private copy of the memory map.
+struct ReplayRing {
+    mem: GuestMemoryMmap,
+    queue: Queue,
+}
+
+impl ReplayRing {
+    fn new(
+        guest: &GuestMemoryMmap,
+        desc_table: u64,
+        size: u16,
+        heads: &[u16],
+    ) -> Result<Self, String> {
+        const PAGE: u64 = 4096;
+        let avail_bytes = 6 + 2 * u64::from(size);
+        let used_off = avail_bytes.div_ceil(4) * 4;
+        let len = (used_off + 6 + 8 * u64::from(size)).div_ceil(PAGE) * PAGE;
+        let base = guest
+            .last_addr()
+            .0
+            .checked_add(1)
+            .and_then(|a| a.checked_next_multiple_of(PAGE))
+            .filter(|a| a.checked_add(len).is_some())
+            .ok_or("no address space left above guest memory")?;
+        let region = GuestRegionMmap::from_range(GuestAddress(base), len as usize, None)
+            .map_err(|e| format!("scratch ring: {e}"))?;
+        let mem = guest
+            .insert_region(Arc::new(region))
+            .map_err(|e| format!("scratch ring: {e}"))?;
+        let avail = GuestAddress(base);
+        let put = |off: u64, v: u16| {
+            mem.write_obj(v.to_le(), avail.unchecked_add(off))
+                .map_err(|e| format!("scratch ring: {e}"))
+        };
+        for (i, &h) in heads.iter().enumerate() {
+            put(4 + 2 * i as u64, h)?;
+        }
+        put(2, heads.len() as u16)?;
+        let mut queue = Queue::new(size).map_err(|e| format!("replay queue: {e}"))?;
+        queue.set_size(size);
+        queue
+            .try_set_desc_table_address(GuestAddress(desc_table))
+            .map_err(|e| format!("descriptor table: {e}"))?;
+        queue
+            .try_set_avail_ring_address(avail)
+            .map_err(|e| format!("replay ring: {e}"))?;
+        queue
+            .try_set_used_ring_address(avail.unchecked_add(used_off))
+            .map_err(|e| format!("replay ring: {e}"))?;
+        queue.set_ready(true);
+        Ok(ReplayRing { mem, queue })
     }
 }
