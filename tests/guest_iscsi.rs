@@ -25,7 +25,9 @@ fn zero_blocks(file: &Path, len: u64) -> usize {
 fn guest_fio_through_tgtd(queues: u32) {
     let mut t = Tgtd::start();
     let tid = t.create_target("iqn.2026-11.vhost-iser.test:guest");
-    let file = t.add_lun(tid, 1, Backing::File(256 << 20)).expect("file LUN");
+    let file = t
+        .add_lun(tid, 1, Backing::File(256 << 20))
+        .expect("file LUN");
     t.bind_all(tid);
     assert_eq!(zero_blocks(&file, FIO_BYTES), 4096, "fresh LUN is not zero");
     let url = t.url(tid, 1);
@@ -71,7 +73,10 @@ fn guest_fio_through_tgtd(queues: u32) {
     );
     let json = std::fs::read_to_string(out.path().join("iscsi/verify.json"))
         .unwrap_or_else(|e| panic!("no fio JSON in --out ({e}):\n{}", run.text()));
-    assert!(json.contains("\"error\" : 0"), "fio reported an error:\n{json}");
+    assert!(
+        json.contains("\"error\" : 0"),
+        "fio reported an error:\n{json}"
+    );
     // Both the writes and the verify reads moved every byte.
     let full = format!("\"io_bytes\" : {FIO_BYTES}");
     assert_eq!(

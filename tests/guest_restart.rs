@@ -31,7 +31,9 @@ fn resubmitted(log: &str) -> usize {
 fn kill_9_mid_fio_then_restart_loses_nothing() {
     let mut t = Tgtd::start();
     let tid = t.create_target("iqn.2026-11.vhost-iser.test:restart");
-    let file = t.add_lun(tid, 1, Backing::File(256 << 20)).expect("file LUN");
+    let file = t
+        .add_lun(tid, 1, Backing::File(256 << 20))
+        .expect("file LUN");
     t.bind_all(tid);
     let url = t.url(tid, 1);
     let args = ["--target", url.as_str(), "--queues", "2"];
@@ -124,6 +126,9 @@ fn kill_9_mid_fio_then_restart_loses_nothing() {
         2,
         "fio did not write and verify all {FIO_MIB} MiB:\n{json}"
     );
+    for bad in ["bad request", "cannot add descriptor", "unknown tag"] {
+        assert!(!log2.contains(bad), "'{bad}' after the restart:\n{log2}");
+    }
     // The replay came from the inflight region the first process filled.
     let n = resubmitted(&log2);
     eprintln!("second backend resubmitted {n} inflight requests");

@@ -186,9 +186,11 @@ impl InflightRegion {
             .len();
         match mmap_offset.checked_add(mmap_size) {
             Some(end) if end <= file_len => {}
-            _ => return Err(bad(format!(
+            _ => {
+                return Err(bad(format!(
                 "{mmap_size} bytes at offset {mmap_offset} do not fit in the {file_len}-byte file"
-            ))),
+            )))
+            }
         }
         // SAFETY: sysconf has no memory-safety preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
