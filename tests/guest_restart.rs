@@ -98,7 +98,7 @@ fn kill_9_mid_fio_then_restart_loses_nothing() {
     eprintln!(
         "killed vhost-iser ({st}) at {:.1}s, {} MiB on the target",
         killed_at.as_secs_f64(),
-        std::fs::metadata(&file).unwrap().blocks() * 512 >> 20
+        (std::fs::metadata(&file).unwrap().blocks() * 512) >> 20
     );
     // Stay away a moment: QEMU notices, retries every second.
     std::thread::sleep(Duration::from_millis(1500));

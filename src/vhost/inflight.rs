@@ -194,7 +194,7 @@ impl InflightRegion {
         }
         // SAFETY: sysconf has no memory-safety preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
-        if mmap_offset % page != 0 {
+        if !mmap_offset.is_multiple_of(page) {
             return Err(bad(format!("offset {mmap_offset} is not page aligned")));
         }
         Ok(Arc::new(Self::map(

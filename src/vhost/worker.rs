@@ -340,7 +340,7 @@ impl QueueWorker {
                 }
                 match parsed.status_addr {
                     Some(addr) => {
-                        self.finish(vring, &snapshot, parsed.head_index, addr, 1, e.status())
+                        self.finish(vring, snapshot, parsed.head_index, addr, 1, e.status())
                     }
                     // No status byte: return the chain unanswered so the ring keeps moving.
                     None => self.add_used(vring, parsed.head_index, 0),
@@ -356,7 +356,7 @@ impl QueueWorker {
                 data.write_at(0, &self.serial);
                 self.finish(
                     vring,
-                    &snapshot,
+                    snapshot,
                     parsed.head_index,
                     status_addr,
                     parsed.used_len,
