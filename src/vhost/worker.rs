@@ -539,3 +539,193 @@ impl ReplayRing {
         Ok(ReplayRing { mem, queue })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blk::mem::MemTarget;
+    use crate::blk::request::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+    use crate::blk::target::Target;
+    use crate::vhost::inflight::InflightRegion;
+    use vhost_user_backend::VringT;
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+
+    const F_NEXT: u16 = 1;
+    const F_WRITE: u16 = 2;
+    const QSIZE: u16 = 16;
+
+    fn hdr(at: u64) -> GuestAddress {
+        GuestAddress(0x10000 + at * 0x100)
+    }
+    fn data(at: u64) -> GuestAddress {
+        GuestAddress(0x20000 + at * 0x1000)
+    }
+    fn status(at: u64) -> GuestAddress {
+        GuestAddress(0x30000 + at)
+    }
+
+    /// Request `i` (descriptors 3i..3i+2, head 3i): `ty` on sector `i`.
+    fn chain(m: &GuestMemoryMmap, i: u16, ty: u32) -> [RawDescriptor; 3] {
+        let n = u64::from(i);
+        m.write_obj(ty, hdr(n)).unwrap();
+        m.write_obj(0u32, hdr(n).unchecked_add(4)).unwrap();
+        m.write_obj(n, hdr(n).unchecked_add(8)).unwrap();
+        m.write_obj(0xEEu8, status(n)).unwrap();
+        let data_flags = if ty == VIRTIO_BLK_T_IN { F_WRITE } else { 0 };
+        [
+            RawDescriptor::from(SplitDescriptor::new(hdr(n).0, 16, F_NEXT, 3 * i + 1)),
+            RawDescriptor::from(SplitDescriptor::new(
+                data(n).0,
+                512,
+                F_NEXT | data_flags,
+                3 * i + 2,
+            )),
+            RawDescriptor::from(SplitDescriptor::new(status(n).0, 1, F_WRITE, 0)),
+        ]
+    }
+
+    fn worker(mem: &GuestMemoryAtomic<GuestMemoryMmap>) -> QueueWorker {
+        let target = MemTarget::new(1 << 20, false);
+        let limits = Arc::new(RequestLimits {
+            capacity_sectors: 2048,
+            seg_max: 8,
+            read_only: false,
+            discard: None,
+            write_zeroes: None,
+        });
+        let mut w = QueueWorker::new(
+            0,
+            target.open_queue(0).unwrap(),
+            limits,
+            b"serial",
+            Arc::new(AtomicBool::new(true)),
+        );
+        w.set_memory(mem.clone());
+        w
+    }
+
+    fn used_elem(m: &GuestMemoryMmap, vq: &MockSplitQueue<GuestMemoryMmap>, i: u64) -> u32 {
+        m.read_obj::<u32>(vq.used_addr().unchecked_add(4 + 8 * i))
+            .unwrap()
+    }
+
+    /// A "previous back-end" took three writes and completed only the
+    /// middle one; the new worker resubmits the other two (in pop order),
+    /// does not re-run the completed one, and continues the ring after them.
+    #[test]
+    fn resubmits_inflight_heads_then_continues_the_ring() {
+        let gm = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap();
+        let vq = MockSplitQueue::new(&gm, QSIZE);
+        let mut descs = Vec::new();
+        for i in 0..3 {
+            gm.write_slice(&[0xA0 + i as u8; 512], data(u64::from(i)))
+                .unwrap();
+            descs.extend(chain(&gm, i, VIRTIO_BLK_T_OUT));
+        }
+        vq.add_desc_chains(&descs, 0).unwrap();
+
+        let (file, len) = InflightRegion::create(1, QSIZE, 1).unwrap();
+        let region = InflightRegion::open(&file, 0, len, 1, QSIZE, 1).unwrap();
+        {
+            let mut old = region.queue_tracker(0).unwrap();
+            assert!(old.recover(QSIZE, 0).unwrap().is_empty());
+            for head in [0, 3, 6] {
+                old.popped(head);
+            }
+            // head 3 completed: used elem 0 = head 3, used idx 1
+            old.before_used(3);
+            gm.write_obj(3u32, vq.used_addr().unchecked_add(4)).unwrap();
+            gm.write_obj(1u16, vq.used_addr().unchecked_add(2)).unwrap();
+            old.after_used(3, 1);
+            gm.write_obj(VIRTIO_BLK_S_OK, status(1)).unwrap();
+        }
+
+        let mem = GuestMemoryAtomic::new(gm.clone());
+        let vring = VringRwLock::new(mem.clone(), QSIZE).unwrap();
+        vring.set_queue_size(QSIZE);
+        vring
+            .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
+            .unwrap();
+        // QEMU rewinds to the used index when the back-end died.
+        vring.set_queue_next_avail(1);
+        vring.set_queue_next_used(1);
+        vring.set_queue_ready(true);
+
+        let mut w = worker(&mem);
+        w.set_inflight(region.queue_tracker(0));
+        w.process_queue(&vring, false);
+
+        assert_eq!(
+            vring.queue_next_avail(),
+            3,
+            "ring continues after the replayed heads"
+        );
+        let used_idx: u16 = gm.read_obj(vq.used_addr().unchecked_add(2)).unwrap();
+        assert_eq!(used_idx, 3);
+        assert_eq!(used_elem(&gm, &vq, 1), 0, "oldest in-flight head first");
+        assert_eq!(used_elem(&gm, &vq, 2), 6);
+        for i in 0..3 {
+            assert_eq!(gm.read_obj::<u8>(status(i)).unwrap(), VIRTIO_BLK_S_OK);
+        }
+        // Nothing is left in flight in the region.
+        let mut again = region.queue_tracker(0).unwrap();
+        assert!(again.recover(QSIZE, 3).unwrap().is_empty());
+
+        // The ring goes on: a read of sector 2 returns what head 6 wrote.
+        vq.add_desc_chains(&chain(&gm, 3, VIRTIO_BLK_T_IN), 9)
+            .unwrap();
+        gm.write_obj(2u64, hdr(3).unchecked_add(8)).unwrap();
+        w.process_queue(&vring, false);
+        assert_eq!(gm.read_obj::<u8>(status(3)).unwrap(), VIRTIO_BLK_S_OK);
+        let mut back = [0u8; 512];
+        gm.read_slice(&mut back, data(3)).unwrap();
+        assert_eq!(back, [0xA2; 512]);
+    }
+
+    /// Heads the region claims in flight whose descriptors are garbage are
+    /// answered like any bad request: no panic, the ring keeps moving.
+    #[test]
+    fn garbage_inflight_heads_are_answered_not_trusted() {
+        let gm = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap();
+        let vq = MockSplitQueue::new(&gm, QSIZE);
+        gm.write_slice(&[0x55; 512], data(0)).unwrap();
+        vq.add_desc_chains(&chain(&gm, 0, VIRTIO_BLK_T_OUT), 0)
+            .unwrap();
+        // descriptor 12: points outside guest memory, no status byte
+        vq.add_desc_chains(
+            &[RawDescriptor::from(SplitDescriptor::new(
+                0xFFFF_0000_0000,
+                64,
+                0,
+                0,
+            ))],
+            12,
+        )
+        .unwrap();
+
+        let (file, len) = InflightRegion::create(1, QSIZE, 1).unwrap();
+        let region = InflightRegion::open(&file, 0, len, 1, QSIZE, 1).unwrap();
+        {
+            let mut old = region.queue_tracker(0).unwrap();
+            old.recover(QSIZE, 0).unwrap();
+            old.popped(12);
+            old.popped(0);
+            old.popped(15); // never a chain: an all-zero descriptor
+        }
+        let mem = GuestMemoryAtomic::new(gm.clone());
+        let vring = VringRwLock::new(mem.clone(), QSIZE).unwrap();
+        vring.set_queue_size(QSIZE);
+        vring
+            .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
+            .unwrap();
+        vring.set_queue_ready(true);
+        let mut w = worker(&mem);
+        w.set_inflight(region.queue_tracker(0));
+        w.process_queue(&vring, false);
+        let used_idx: u16 = gm.read_obj(vq.used_addr().unchecked_add(2)).unwrap();
+        assert_eq!(used_idx, 3, "every replayed head is answered");
+        assert_eq!(gm.read_obj::<u8>(status(0)).unwrap(), VIRTIO_BLK_S_OK);
+        assert_eq!(vring.queue_next_avail(), 3);
+    }
+}
