@@ -1,6 +1,7 @@
 //! The vhost-user-blk device: feature negotiation, config space, and the
 //! dispatch of queue kicks and target completions to the per-queue workers.
 
+use std::fs::File;
 use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use log::{info, warn};
 use thiserror::Error;
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
@@ -18,6 +21,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use super::inflight::InflightRegion;
 use super::worker::{QueueStats, QueueWorker};
 use crate::blk::buffer::GuestMemoryMmap;
 use crate::blk::config::{config_space, device_features, read_window, WRITEBACK_OFFSET};
@@ -207,6 +211,42 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+    }
+
+    fn get_inflight_fd(&self, req: &VhostUserInflight) -> io::Result<(VhostUserInflight, File)> {
+        let (file, size) = InflightRegion::create(req.num_queues, req.queue_size, self.num_queues)
+            .map_err(|e| {
+                warn!("GET_INFLIGHT_FD: {e}");
+                io::Error::new(io::ErrorKind::InvalidInput, e.to_string())
+            })?;
+        info!(
+            "inflight region: {size} bytes for {} queue(s) of {} entries",
+            req.num_queues, req.queue_size
+        );
+        Ok((
+            VhostUserInflight::new(size, 0, req.num_queues, req.queue_size),
+            file,
+        ))
+    }
+
+    fn set_inflight_fd(&self, req: &VhostUserInflight, file: File) -> io::Result<()> {
+        let region = InflightRegion::open(
+            &file,
+            req.mmap_offset,
+            req.mmap_size,
+            req.num_queues,
+            req.queue_size,
+            self.num_queues,
+        )
+        .map_err(|e| {
+            warn!("SET_INFLIGHT_FD: {e}");
+            io::Error::new(io::ErrorKind::InvalidInput, e.to_string())
+        })?;
+        for i in 0..self.num_queues {
+            self.worker(i).set_inflight(region.queue_tracker(i));
+        }
+        Ok(())
     }
 
     fn set_event_idx(&self, enabled: bool) {

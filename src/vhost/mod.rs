@@ -1,5 +1,6 @@
 //! The vhost-user-blk device: backend (features, config space, event
-//! dispatch) and the per-queue workers.
+//! dispatch), the per-queue workers and inflight I/O tracking.
 
 pub mod backend;
+pub mod inflight;
 pub mod worker;
