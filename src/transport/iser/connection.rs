@@ -1005,6 +1005,6 @@ mod tests {
     }
 
     // Buffers hold a whole login PDU; receives cover every response.
-    const _: () = assert!(MSG_BUF >= HDRS + CONTROL_DATA_MAX && MSG_BUF % 64 == 0);
+    const _: () = assert!(MSG_BUF >= HDRS + CONTROL_DATA_MAX && MSG_BUF.is_multiple_of(64));
     const _: () = assert!(RECVS >= MAX_COMMANDS + UNEXPECTED);
 }
