@@ -71,6 +71,9 @@ pub const CONTROL_DATA_MAX: usize = 8192;
 pub const POLL_WINDOW_ENV: &str = "VHOST_ISER_POLL_US";
 /// Default adaptive polling window.
 pub const DEFAULT_POLL_WINDOW_US: u64 = 20;
+/// Environment variable: log the copy counters every N commands of a
+/// connection (default: after 1024, 4096, 16384, ... commands).
+pub const REPORT_EVERY_ENV: &str = "VHOST_ISER_REPORT_EVERY";
 
 const HDRS: usize = CONTROL_HEADER_LEN + BHS_LEN;
 /// Receive and send buffer size: headers + control data, cache-line rounded.
@@ -150,6 +153,7 @@ pub struct IserConnection {
     commands: u64,
     copied: u64,
     next_report: u64,
+    report_every: Option<u64>,
 }
 
 fn verbs_err(addr: &str, e: VerbsError) -> TransportError {
@@ -260,6 +264,10 @@ impl IserConnection {
         cq.arm().map_err(e)?;
         let (epoch, regions) = registry.snapshot(&pd);
         let sq_free = qp.caps().max_send_wr as usize;
+        let report_every = std::env::var(REPORT_EVERY_ENV)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|&n| n > 0);
         info!(
             "iSER: connected to {portal} via {} (QP {}, {} receives of {} bytes)",
             id.device_name().unwrap_or_default(),
@@ -289,7 +297,8 @@ impl IserConnection {
             failed: None,
             commands: 0,
             copied: 0,
-            next_report: 1024,
+            next_report: report_every.unwrap_or(1024),
+            report_every,
         })
     }
 
@@ -823,7 +832,10 @@ impl IserConnection {
                 }),
             );
             if self.commands >= self.next_report {
-                self.next_report = self.next_report.saturating_mul(4);
+                self.next_report = match self.report_every {
+                    Some(n) => self.next_report.saturating_add(n),
+                    None => self.next_report.saturating_mul(4),
+                };
                 info!(
                     "iSER to {}: {} commands, {} bytes copied (process: {} bytes for scattered guest buffers, {} for unregistered buffers)",
                     self.addr,
