@@ -205,6 +205,12 @@ impl SessionFactory for IscsiSessions {
             r.update(mem);
         }
     }
+
+    fn max_transfer_bytes(&self) -> Option<u32> {
+        self.memory
+            .as_ref()
+            .map(|_| crate::transport::iser::connection::MAX_COMMAND_DATA)
+    }
 }
 
 /// `--read-only` on top of a LUN that allows writes.

@@ -344,6 +344,11 @@ fn vm_iser_end_to_end() {
     }));
     if let Err(e) = &lio {
         println!("LIO run failed: {e:?}");
+        let out = Command::new("dmesg").output().expect("dmesg");
+        println!(
+            "--- kernel log (tail) ---\n{}",
+            tail(&String::from_utf8_lossy(&out.stdout), 40)
+        );
     }
 
     let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

@@ -66,6 +66,10 @@ pub const UNEXPECTED: usize = 16;
 /// Largest data segment of a control-type PDU we send or accept: the login
 /// limit (RFC 7143 §6.1), also our InitiatorRecvDataSegmentLength.
 pub const CONTROL_DATA_MAX: usize = 8192;
+/// Largest data transfer of one command: tgtd's iSER RDMA buffers are
+/// 512 KiB ("rdma-rd size too big" and a dropped connection beyond), and
+/// Linux ib_iser sends at most 512 KiB (max_sectors 1024) too.
+pub const MAX_COMMAND_DATA: u32 = 512 * 1024;
 /// Environment variable: microseconds to keep polling the CQ after a
 /// completion before sleeping on the completion channel (0 = never spin).
 pub const POLL_WINDOW_ENV: &str = "VHOST_ISER_POLL_US";
