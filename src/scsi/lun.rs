@@ -379,7 +379,10 @@ impl LunQueue {
                     ));
                 }
                 let (dir, fua) = match req.op {
-                    BlockOp::Write { fua } => (DataDir::Write, fua),
+                    // Without a volatile write cache every write is durable:
+                    // FUA adds nothing, and LIO refuses it when the LUN does
+                    // not advertise DPOFUA ("invalid field in CDB").
+                    BlockOp::Write { fua } => (DataDir::Write, fua && self.info.write_cache),
                     _ => (DataDir::Read, false),
                 };
                 let data = Arc::new(req.data);
