@@ -804,6 +804,21 @@ impl IserConnection {
             return Err(self.fail(format!("cannot build a Send: {reason}")));
         }
         if let PduData::Buffer { buf, offset, .. } = &pdu.data {
+            if sges.len() > 1 && pending.is_none() {
+                // Zero-copy immediate data: keep its region registered until
+                // the response (the Send has completed by then).
+                let mut first = Vec::new();
+                buf.iovecs_range(*offset, 1, &mut first);
+                let region = first
+                    .first()
+                    .and_then(|v| find(&self.regions, v.iov_base as u64, 1))
+                    .cloned();
+                pending = Some(Pending {
+                    _region: region,
+                    bounce: None,
+                    read_back: None,
+                });
+            }
             if sges.len() == 1 {
                 // Immediate data copied into the send buffer.
                 let mut first = Vec::new();
