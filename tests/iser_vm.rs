@@ -418,3 +418,32 @@ fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
+
+/// `iser://` on a host without RDMA: one clear line naming what was seen, exit 1.
+#[test]
+fn iser_url_without_rdma_device_exits_1() {
+    if in_vm() {
+        return;
+    }
+    let names = vhost_iser::transport::iser::verbs::device_names();
+    if !names.is_empty() {
+        eprintln!("this host has RDMA devices {names:?}; the no-device check does not apply");
+        return;
+    }
+    let mut b = Backend::spawn(
+        &[
+            "--target",
+            "iser://10.99.0.1:3260/iqn.2026-11.vhost-iser:tgt/1",
+        ],
+        &[],
+    );
+    let st = b.wait_exit(30);
+    assert_eq!(st.code(), Some(1), "log:\n{}", b.log());
+    let log = b.log();
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains(" ERROR ")).collect();
+    assert_eq!(errors.len(), 1, "log:\n{log}");
+    assert!(
+        errors[0].contains("no RDMA device found (ibv_get_device_list saw: none)"),
+        "{log}"
+    );
+}
