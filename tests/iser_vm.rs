@@ -267,11 +267,11 @@ fn start_backend(url: &str) -> (Backend, Client) {
 }
 
 /// Contiguous then scattered I/O against one target; checks the counters.
-fn exercise(name: &str, url: &str, seed: u8) -> (Backend, Client) {
+fn exercise(name: &str, url: &str, backing: &str, seed: u8) -> (Backend, Client) {
     println!("== {name}: {url}");
     let (b, mut c) = start_backend(url);
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        run_phases(name, &b, &mut c, seed)
+        run_phases(name, &b, &mut c, backing, seed)
     }));
     if let Err(e) = r {
         println!("--- {name}: backend log ---\n{}", tail(&b.log(), 60));
@@ -280,7 +280,7 @@ fn exercise(name: &str, url: &str, seed: u8) -> (Backend, Client) {
     (b, c)
 }
 
-fn run_phases(name: &str, b: &Backend, c: &mut Client, seed: u8) {
+fn run_phases(name: &str, b: &Backend, c: &mut Client, backing: &str, seed: u8) {
     let c = &mut *c;
     let (bytes, secs) = contiguous_phase(c, seed);
     println!(
@@ -295,11 +295,14 @@ fn run_phases(name: &str, b: &Backend, c: &mut Client, seed: u8) {
         "{name}: after contiguous I/O: {scattered} bytes copied for guest buffers, {unregistered} for unregistered (probe) buffers"
     );
     assert_eq!(scattered, 0, "contiguous buffers were copied; log:\n{log}");
+    // The target's backing file holds the last (1 MiB x16) writes at the right place.
+    check_backing(backing, 0, 16 * MIB, seed);
     assert!(
         log.contains("registered guest memory"),
         "no registration logged:\n{log}"
     );
     let moved = scattered_phase(c, seed.wrapping_add(1), 40 * MIB as u64);
+    check_backing(backing, 40 * MIB as u64, 4 * MIB, seed.wrapping_add(1));
     // Make the backend report after the scattered phase: a few more commands.
     for i in 0..DEPTH {
         let p = c.ptr(i * 4 * KIB);
@@ -315,6 +318,20 @@ fn run_phases(name: &str, b: &Backend, c: &mut Client, seed: u8) {
         scattered > 0,
         "scattered buffers cannot be zero copy; log:\n{log}"
     );
+}
+
+/// The target's backing file at `at` holds `pattern(at, len, seed)`.
+fn check_backing(path: &str, at: u64, len: usize, seed: u8) {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).expect("backing file");
+    f.seek(SeekFrom::Start(at)).expect("seek");
+    let mut got = vec![0u8; len];
+    f.read_exact(&mut got).expect("read backing file");
+    assert!(
+        got == pattern(at, len, seed),
+        "backing file {path} at {at}+{len} does not hold what was written"
+    );
+    println!("  backing file {path} at {at}+{len}: matches");
 }
 
 fn pidof(name: &str) -> Vec<i32> {
@@ -335,9 +352,11 @@ fn vm_iser_end_to_end() {
     println!("targets up after {:.1}s", t0.elapsed().as_secs_f64());
     let tgt_url = env.get("TGT_ISER_URL").expect("TGT_ISER_URL").clone();
     let lio_url = env.get("LIO_ISER_URL").expect("LIO_ISER_URL").clone();
+    let tgt_backing = env.get("TGT_BACKING").expect("TGT_BACKING").clone();
+    let lio_backing = env.get("LIO_BACKING").expect("LIO_BACKING").clone();
 
     let lio = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let (mut b, c) = exercise("LIO", &lio_url, 7);
+        let (mut b, c) = exercise("LIO", &lio_url, &lio_backing, 7);
         drop(c);
         b.stop();
         b.log()
@@ -352,7 +371,7 @@ fn vm_iser_end_to_end() {
     }
 
     let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let (b, mut c) = exercise("tgtd", &tgt_url, 3);
+        let (b, mut c) = exercise("tgtd", &tgt_url, &tgt_backing, 3);
         // Target restart: kill tgtd, I/O fails or waits, restart, I/O recovers.
         let pids = pidof("tgtd");
         assert!(!pids.is_empty(), "tgtd is not running");
