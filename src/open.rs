@@ -161,6 +161,13 @@ fn iser_params(mut p: ParamOffer) -> ParamOffer {
         target_recv_data_segment_length: Some(max),
     });
     p.first_burst_length = p.first_burst_length.min(max);
+    // RFC 7145 §6.3: no iSCSI digests on iSER (the RDMA fabric checks data).
+    let none = vec![crate::iscsi::params::DigestKind::None];
+    if p.header_digest != none || p.data_digest != none {
+        log::warn!("iSER: CRC32C digests do not apply to iSER (RFC 7145); --digests is ignored");
+        p.header_digest = none.clone();
+        p.data_digest = none;
+    }
     p
 }
 
