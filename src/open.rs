@@ -7,12 +7,14 @@ use std::time::Duration;
 use crate::blk::mem::MemTarget;
 use crate::blk::target::{Target, TargetError};
 use crate::iscsi::chap::{ChapAlgorithm, ChapCredentials, ChapSecret};
-use crate::iscsi::connect::{tcp_dialer, ConnectConfig, Connector};
+use crate::iscsi::connect::{tcp_dialer, ConnectConfig, Connector, Dialer};
 use crate::iscsi::login::MutualChap;
-use crate::iscsi::params::ParamOffer;
+use crate::iscsi::params::{IserOffer, ParamOffer};
 use crate::iscsi::session::Session;
 use crate::iscsi::url::{default_initiator_name, Scheme, TargetUrl};
 use crate::scsi::lun::{ScsiLun, SessionFactory};
+use crate::transport::iser::{GuestMemoryRegistration, IserConnection};
+use crate::transport::Transport;
 
 /// Environment variable holding the CHAP secret (when no file is given).
 pub const CHAP_SECRET_ENV: &str = "VHOST_ISER_CHAP_SECRET";
@@ -64,19 +66,16 @@ pub fn open_target(spec: &str, opts: &OpenOptions) -> Result<Arc<dyn Target>, Ta
         target: spec.to_string(),
         reason: e.reason,
     })?;
-    if url.scheme == Scheme::Iser {
+    let iser = if url.scheme == Scheme::Iser {
         // Say clearly whether this host can do RDMA at all.
         crate::transport::iser::verbs::ensure_device().map_err(|e| TargetError::Setup {
             context: format!("iser://{}", url.portal()),
             source: Box::new(e),
         })?;
-        return Err(TargetError::BadTarget {
-            target: spec.to_string(),
-            reason:
-                "the iSER data path is not wired to the session layer in this build; use iscsi://"
-                    .into(),
-        });
-    }
+        Some(GuestMemoryRegistration::new())
+    } else {
+        None
+    };
     let setup = |what: &str, e: Box<dyn std::error::Error + Send + Sync>| TargetError::Setup {
         context: what.to_string(),
         source: e,
@@ -125,16 +124,23 @@ pub fn open_target(spec: &str, opts: &OpenOptions) -> Result<Arc<dyn Target>, Ta
         } else {
             vec![ChapAlgorithm::Md5]
         },
-        params: opts.params.clone().unwrap_or_default(),
+        params: match &iser {
+            Some(_) => iser_params(opts.params.clone().unwrap_or_default()),
+            None => opts.params.clone().unwrap_or_default(),
+        },
         login_timeout: opts.login_timeout.unwrap_or(Duration::from_secs(15)),
-        dial: tcp_dialer(),
-        iser: false,
+        dial: match &iser {
+            Some(registry) => iser_dialer(registry.clone()),
+            None => tcp_dialer(),
+        },
+        iser: iser.is_some(),
     };
     let connector = Connector::new(cfg).map_err(|e| setup("preparing the login", Box::new(e)))?;
     let factory = Arc::new(IscsiSessions {
         describe: format!("{} lun {} at {}", url.target, url.lun, url.portal()),
         lun: url.lun_wire(),
         connector,
+        memory: iser,
     });
     let lun = ScsiLun::open(factory)?;
     Ok(Arc::new(ReadOnlyOverride {
@@ -143,11 +149,46 @@ pub fn open_target(spec: &str, opts: &OpenOptions) -> Result<Arc<dyn Target>, Ta
     }))
 }
 
-/// Sessions over TCP for one LUN.
+/// iSER: the operational parameters we propose. Control-type PDUs (login,
+/// responses, immediate data) fit 8 KiB buffers on both sides (isert and
+/// tgtd size their receives so), so InitiatorRecvDataSegmentLength,
+/// TargetRecvDataSegmentLength and the immediate data (FirstBurstLength)
+/// are held to that; command data moves by RDMA, bounded by MaxBurstLength.
+fn iser_params(mut p: ParamOffer) -> ParamOffer {
+    let max = crate::transport::iser::connection::CONTROL_DATA_MAX as u32;
+    p.iser = Some(IserOffer {
+        initiator_recv_data_segment_length: max,
+        target_recv_data_segment_length: Some(max),
+    });
+    p.first_burst_length = p.first_burst_length.min(max);
+    // RFC 7145 §6.3: no iSCSI digests on iSER (the RDMA fabric checks data).
+    let none = vec![crate::iscsi::params::DigestKind::None];
+    if p.header_digest != none || p.data_digest != none {
+        log::warn!("iSER: CRC32C digests do not apply to iSER (RFC 7145); --digests is ignored");
+        p.header_digest = none.clone();
+        p.data_digest = none;
+    }
+    p
+}
+
+/// The iSER dialer: RDMA connections whose commands use the guest memory
+/// registered in `registry`.
+fn iser_dialer(registry: Arc<GuestMemoryRegistration>) -> Dialer {
+    Arc::new(move |portal: &str, timeout: Duration| {
+        Ok(
+            Box::new(IserConnection::connect(portal, timeout, registry.clone())?)
+                as Box<dyn Transport>,
+        )
+    })
+}
+
+/// Sessions over TCP or iSER for one LUN.
 struct IscsiSessions {
     connector: Connector,
     lun: u64,
     describe: String,
+    /// iSER: guest memory registrations shared by the sessions.
+    memory: Option<Arc<GuestMemoryRegistration>>,
 }
 
 impl SessionFactory for IscsiSessions {
@@ -164,6 +205,18 @@ impl SessionFactory for IscsiSessions {
 
     fn describe(&self) -> String {
         self.describe.clone()
+    }
+
+    fn update_memory(&self, mem: &Arc<crate::blk::buffer::GuestMemoryMmap>) {
+        if let Some(r) = &self.memory {
+            r.update(mem);
+        }
+    }
+
+    fn max_transfer_bytes(&self) -> Option<u32> {
+        self.memory
+            .as_ref()
+            .map(|_| crate::transport::iser::connection::MAX_COMMAND_DATA)
     }
 }
 

@@ -23,8 +23,8 @@ use vhost_iser::transport::iser::verbs::{
 };
 
 const VM_ENV: &str = "VHOST_ISER_RDMA_VM";
-const DEFAULT_RUNNER: &str = "/work/shared/rdma-vm/run-in-vm.sh";
-const START_TARGETS: &str = "/work/shared/rdma-vm/start-targets.sh";
+const DEFAULT_RUNNER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/qemu/rdma-vm.sh");
+const START_TARGETS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/qemu/rdma/start-targets.sh");
 const VM_TESTS: [&str; 2] = ["vm_loopback_send_write_read", "vm_tgtd_login"];
 const T: Duration = Duration::from_secs(10);
 
@@ -70,6 +70,7 @@ fn rdma_vm_suite() {
     let exe = std::env::current_exe().expect("test binary path");
     let start = Instant::now();
     let status = Command::new(&runner)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
         .args(["--timeout", "300", "--mem", "1024", "--"])
         .arg(&exe)
         .args(VM_TESTS)
@@ -499,7 +500,7 @@ fn vm_tgtd_login() {
 }
 
 fn tgtd_login_inner() {
-    let initiator = "iqn.2026-11.rdma-vm:initiator";
+    let initiator = "iqn.2026-11.vhost-iser:initiator";
     // Discovery session: tgtd completes the login but answers
     // RDMAExtensions=No (iSER does not apply to discovery).
     let rsp = tgtd_login(&format!(
@@ -508,7 +509,7 @@ fn tgtd_login_inner() {
     assert!(rsp.text.contains("RDMAExtensions="), "{}", rsp.text);
     // Normal session to the iSER target: RDMAExtensions=Yes negotiated.
     let rsp = tgtd_login(&format!(
-        "InitiatorName={initiator}\0TargetName=iqn.2026-11.rdma-vm:tgt\0SessionType=Normal\0AuthMethod=None\0"
+        "InitiatorName={initiator}\0TargetName=iqn.2026-11.vhost-iser:tgt\0SessionType=Normal\0AuthMethod=None\0"
     ));
     assert!(rsp.text.contains("RDMAExtensions=Yes"), "{}", rsp.text);
     println!("tgtd login over iSER OK");

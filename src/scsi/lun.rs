@@ -39,6 +39,11 @@ pub trait SessionFactory: Send + Sync {
     /// Guest memory changed: transports that register memory with a NIC
     /// (iSER) do it here, once per region.
     fn update_memory(&self, _mem: &Arc<crate::blk::buffer::GuestMemoryMmap>) {}
+    /// A transport limit on the data of one command (iSER: the target's
+    /// RDMA buffer), on top of the LUN's own; `None`: no limit.
+    fn max_transfer_bytes(&self) -> Option<u32> {
+        None
+    }
 }
 
 /// How many times a command is retried after a transient SCSI condition.
@@ -108,10 +113,15 @@ impl ScsiLun {
                 source: Box::new(e),
             })?;
         }
-        let info = prober.finish().map_err(|e| TargetError::Setup {
+        let mut info = prober.finish().map_err(|e| TargetError::Setup {
             context: format!("probing {}", factory.describe()),
             source: Box::new(e),
         })?;
+        if let Some(limit) = factory.max_transfer_bytes() {
+            // Whole blocks, at least one.
+            let limit = (limit / info.block_size).max(1) * info.block_size;
+            info.max_transfer_bytes = info.max_transfer_bytes.min(limit);
+        }
         info!(
             "{}: {} {} {}, {} blocks of {} bytes ({} MiB), max transfer {} KiB{}{}{}",
             factory.describe(),
@@ -369,7 +379,10 @@ impl LunQueue {
                     ));
                 }
                 let (dir, fua) = match req.op {
-                    BlockOp::Write { fua } => (DataDir::Write, fua),
+                    // Without a volatile write cache every write is durable:
+                    // FUA adds nothing, and LIO refuses it when the LUN does
+                    // not advertise DPOFUA ("invalid field in CDB").
+                    BlockOp::Write { fua } => (DataDir::Write, fua && self.info.write_cache),
                     _ => (DataDir::Read, false),
                 };
                 let data = Arc::new(req.data);

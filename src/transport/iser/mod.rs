@@ -5,7 +5,27 @@
 //! - [`header`]: the iSER header in front of every PDU, Hello/HelloReply.
 //! - [`cm`]: the iSER header in the RDMA CM private data.
 //! - [`verbs`]: safe wrappers over libibverbs/librdmacm (`rdma-sys`).
+//! - [`memory`]: guest memory registered once per region and device.
+//! - [`connection`]: [`IserConnection`], the [`crate::transport::Transport`]
+//!   over one RC queue pair.
+
+//!
+//! Tested end to end by `tests/iser_vm.rs` in the soft-RoCE VM against
+//! tgtd 1.0.85 and LIO/ib_isert (Linux 6.1). Measured there (TCG, numbers
+//! only say "it works"): 32-deep write+read-back at 4 KiB..1 MiB, 2-2.5 MiB/s
+//! and ~250-360 IOPS at 4 KiB, with **0 bytes copied** for contiguous
+//! buffers; scattered writev/readv (4-8 separated iovecs) are correct and
+//! bounce every byte (12.8 MB for 12.8 MB moved), except LIO's fully
+//! immediate 4 KiB writes, which go zero copy as a multi-SGE Send. After a
+//! tgtd kill the next write fails with EIO within 0.1 s; after its restart
+//! the queue reconnects and I/O resumes (4-19 s, the LUN queue's reconnect
+//! pace).
 
 pub mod cm;
+pub mod connection;
 pub mod header;
+pub mod memory;
 pub mod verbs;
+
+pub use connection::{bytes_copied, bytes_copied_unregistered, IserConnection};
+pub use memory::GuestMemoryRegistration;

@@ -541,6 +541,14 @@ impl CmId {
         socketaddr_to(&ss)
     }
 
+    /// Identifies the RDMA device (verbs context) this id is bound to, for
+    /// per-device tables (one protection domain and one set of guest memory
+    /// registrations per device). Stable for the life of the process:
+    /// librdmacm opens each device once.
+    pub fn device_key(&self) -> Result<usize> {
+        Ok(self.inner.verbs()? as usize)
+    }
+
     /// Allocates a protection domain on this id's device.
     pub fn alloc_pd(&self) -> Result<ProtectionDomain> {
         ProtectionDomain::new(self.inner.clone())

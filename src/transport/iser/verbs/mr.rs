@@ -397,6 +397,16 @@ impl RegisteredPool {
         self.mr.sge(off, len)
     }
 
+    /// Raw pointer to `len` bytes at `offset` of buffer `idx`, bounds
+    /// checked, for copies straight between guest memory and the pool. The
+    /// caller copies through the pointer only (no references) and only while
+    /// no operation that writes this buffer is outstanding.
+    pub(crate) fn raw_range(&self, idx: usize, offset: usize, len: usize) -> Result<*mut u8> {
+        let off = self.check(idx, offset, len)?;
+        // SAFETY: off+len lies inside the allocation (checked above).
+        Ok(unsafe { self.mem.ptr.add(off) })
+    }
+
     /// Copies `data` into buffer `idx` at `offset`. Only call while no
     /// operation that writes this buffer is outstanding.
     pub fn write(&self, idx: usize, offset: usize, data: &[u8]) -> Result<()> {
