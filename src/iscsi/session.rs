@@ -6,8 +6,15 @@
 //! thread only: no locks. Anything a target does that the protocol forbids
 //! (an unknown ITT, data beyond a command's buffer, a StatSN out of order, an
 //! R2T beyond the buffer) ends the connection with a log line that says what
-//! was wrong, and every command in flight fails with an error; guest memory
-//! outside the command's own buffer is never touched.
+//! was wrong; guest memory outside the command's own buffer is never touched.
+//!
+//! Liveness and recovery (ErrorRecoveryLevel 0): [`Session::on_timer`] pings
+//! an idle target with NOP-Out and drops the connection when the answer does
+//! not come; a command past its deadline is aborted (ABORT TASK), then the
+//! LUN is reset, then the connection is dropped. When the connection is lost
+//! the commands that had not completed are kept, in CmdSN order, for the next
+//! session ([`Session::take_orphans`] / [`Session::adopt`]) and fail only when
+//! no new session took them within the replacement timeout.
 
 use std::collections::VecDeque;
 use std::os::fd::RawFd;
@@ -19,9 +26,10 @@ use thiserror::Error;
 use super::params::{DigestKind, SessionParams};
 use super::pdu::{
     serial_ge, serial_gt, serial_le, AsyncEvent, Cdb, DataIn, DataOut, NopIn, NopOut, R2t,
-    ScsiCommand, ScsiResponse, SeqNums, TargetPdu, TaskAttr, RESERVED_TAG, U24,
+    ScsiCommand, ScsiResponse, SeqNums, TargetPdu, TaskAttr, TaskMgmtRequest, TaskMgmtResponse,
+    TmfFunction, TmfResponse, RESERVED_TAG, U24,
 };
-use super::task::{DataDir, ScsiCommandReq, Task, TaskTable};
+use super::task::{DataDir, ScsiCommandReq, Task, TaskTable, NOP_ITT_INDEX, TMF_ITT_INDEX};
 use crate::transport::{OutPdu, PduData, RecvPlan, TaskBuffer, Transport, TransportError, BHS_LEN};
 
 /// Why a command or the session failed.
@@ -49,6 +57,98 @@ pub enum SessionError {
         /// The portal.
         portal: String,
     },
+}
+
+/// Liveness and recovery timers of a session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionTimeouts {
+    /// Ping the target with NOP-Out after this long without a PDU from it.
+    pub nop_interval: Duration,
+    /// Drop the connection when a ping is not answered within this.
+    pub nop_timeout: Duration,
+    /// A command not finished after this is aborted (ABORT TASK).
+    pub command_timeout: Duration,
+    /// A task management request not answered within this escalates
+    /// (ABORT TASK → LUN RESET → drop the connection).
+    pub tmf_timeout: Duration,
+    /// After a lost connection, commands wait this long for a new session
+    /// before they fail.
+    pub replacement_timeout: Duration,
+}
+
+impl Default for SessionTimeouts {
+    fn default() -> Self {
+        SessionTimeouts {
+            nop_interval: Duration::from_secs(5),
+            nop_timeout: Duration::from_secs(5),
+            command_timeout: Duration::from_secs(30),
+            tmf_timeout: Duration::from_secs(10),
+            replacement_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl SessionTimeouts {
+    /// Parses "nop=5,nop_timeout=5,command=30,tmf=10,replacement=30"
+    /// (seconds, decimals allowed; keys may be left out).
+    pub fn parse(spec: &str) -> Result<Self, String> {
+        let mut t = SessionTimeouts::default();
+        for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (k, v) = item
+                .split_once('=')
+                .ok_or_else(|| format!("timeout setting {item:?} is not key=seconds"))?;
+            let secs: f64 = v
+                .parse()
+                .ok()
+                .filter(|s: &f64| s.is_finite() && *s >= 0.0 && *s < 1e6)
+                .ok_or_else(|| format!("timeout {k}={v:?} is not a number of seconds"))?;
+            let d = Duration::from_secs_f64(secs);
+            match k {
+                "nop" => t.nop_interval = d,
+                "nop_timeout" => t.nop_timeout = d,
+                "command" => t.command_timeout = d,
+                "tmf" => t.tmf_timeout = d,
+                "replacement" => t.replacement_timeout = d,
+                _ => {
+                    return Err(format!(
+                        "unknown timeout {k:?} (nop, nop_timeout, command, tmf, replacement)"
+                    ))
+                }
+            }
+        }
+        Ok(t)
+    }
+}
+
+/// Commands a lost session had not finished, for the next session.
+#[derive(Default)]
+pub struct Orphans {
+    cmds: VecDeque<(ScsiCommandReq, u8)>,
+}
+
+impl Orphans {
+    /// Number of commands.
+    pub fn len(&self) -> usize {
+        self.cmds.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.cmds.is_empty()
+    }
+}
+
+/// How many times one command is re-issued after lost connections.
+const MAX_REISSUE: u8 = 3;
+
+/// A task management request in flight.
+#[derive(Clone, Copy, Debug)]
+struct PendingTmf {
+    itt: u32,
+    function: TmfFunction,
+    /// ITT of the task it is about (ABORT TASK).
+    ref_itt: u32,
+    sent: Instant,
 }
 
 /// What a command returned.
@@ -93,10 +193,21 @@ pub struct Session {
     max_cmd_sn: u32,
     tasks: TaskTable,
     /// Commands waiting for the CmdSN window or a free slot.
-    waiting: VecDeque<ScsiCommandReq>,
+    waiting: VecDeque<(ScsiCommandReq, u8)>,
     failed: Option<SessionError>,
     /// Results produced outside `poll` (failures), handed out at the next poll.
     ready: Vec<ScsiResult>,
+    timeouts: SessionTimeouts,
+    /// Last time a PDU came from the target (or the session started).
+    last_rx: Instant,
+    /// Outstanding ping: ITT and when it was sent.
+    nop: Option<(u32, Instant)>,
+    /// Generation counter of the special ITTs.
+    special_gen: u16,
+    tmf: Option<PendingTmf>,
+    /// Commands kept after the connection was lost (CmdSN order).
+    orphans: VecDeque<(ScsiCommandReq, u8)>,
+    lost_at: Option<Instant>,
 }
 
 impl Session {
@@ -119,7 +230,284 @@ impl Session {
             waiting: VecDeque::new(),
             failed: None,
             ready: Vec::new(),
+            timeouts: SessionTimeouts::default(),
+            last_rx: Instant::now(),
+            nop: None,
+            special_gen: 0,
+            tmf: None,
+            orphans: VecDeque::new(),
+            lost_at: None,
         }
+    }
+
+    /// Sets the liveness and recovery timers.
+    pub fn set_timeouts(&mut self, t: SessionTimeouts) {
+        self.timeouts = t;
+    }
+
+    /// The liveness and recovery timers.
+    pub fn timeouts(&self) -> SessionTimeouts {
+        self.timeouts
+    }
+
+    /// Takes the commands a lost session kept (CmdSN order), for
+    /// [`adopt`](Self::adopt) by its replacement.
+    pub fn take_orphans(&mut self) -> Orphans {
+        Orphans {
+            cmds: std::mem::take(&mut self.orphans),
+        }
+    }
+
+    /// Re-issues a lost session's commands first, in their order.
+    pub fn adopt(&mut self, o: Orphans) {
+        if o.cmds.is_empty() {
+            return;
+        }
+        info!(
+            "iSCSI session to {}: re-issuing {} command(s) from the lost connection",
+            self.portal,
+            o.cmds.len()
+        );
+        for c in o.cmds.into_iter().rev() {
+            self.waiting.push_front(c);
+        }
+    }
+
+    fn next_special_itt(&mut self, index: u32) -> u32 {
+        self.special_gen = self.special_gen.wrapping_add(1);
+        (self.special_gen as u32) << 16 | index
+    }
+
+    /// Timer tick: pings, command deadlines, task management escalation,
+    /// the replacement timeout. Results (failures) come out of the next
+    /// [`poll`](Self::poll).
+    pub fn on_timer(&mut self, now: Instant) {
+        if self.failed.is_some() {
+            let expired = self.lost_at.is_some_and(|t| {
+                now.saturating_duration_since(t) >= self.timeouts.replacement_timeout
+            });
+            if expired && !self.orphans.is_empty() {
+                error!(
+                    "iSCSI session to {}: no new connection within the replacement timeout ({:?}); failing {} command(s)",
+                    self.portal,
+                    self.timeouts.replacement_timeout,
+                    self.orphans.len()
+                );
+                let e = SessionError::ConnectionLost {
+                    portal: self.portal.clone(),
+                    reason: format!(
+                        "no new connection within the replacement timeout ({:?})",
+                        self.timeouts.replacement_timeout
+                    ),
+                };
+                for (r, _) in self.orphans.drain(..) {
+                    self.ready.push(ScsiResult {
+                        tag: r.tag,
+                        result: Err(e.clone()),
+                    });
+                }
+            }
+            return;
+        }
+        let mut done = Vec::new();
+        if let Err(e) = self.timer_checks(now) {
+            self.fail(e, &mut done);
+        } else if let Err(e) = self.flush() {
+            self.fail(e, &mut done);
+        }
+        self.ready.append(&mut done);
+    }
+
+    fn timer_checks(&mut self, now: Instant) -> Result<(), SessionError> {
+        let t = self.timeouts;
+        // Liveness.
+        match self.nop {
+            Some((_, sent)) if now.saturating_duration_since(sent) >= t.nop_timeout => {
+                return Err(SessionError::ConnectionLost {
+                    portal: self.portal.clone(),
+                    reason: format!(
+                        "the target did not answer a NOP-Out ping within {:?}",
+                        t.nop_timeout
+                    ),
+                });
+            }
+            None if now.saturating_duration_since(self.last_rx) >= t.nop_interval => {
+                let itt = self.next_special_itt(NOP_ITT_INDEX);
+                let h = NopOut {
+                    immediate: true,
+                    data_segment_length: U24::ZERO,
+                    lun: 0,
+                    itt,
+                    ttt: RESERVED_TAG,
+                    cmd_sn: self.cmd_sn,
+                    exp_stat_sn: self.exp_stat_sn,
+                };
+                self.conn.queue(OutPdu::new(h.encode(), PduData::None));
+                self.nop = Some((itt, now));
+            }
+            _ => {}
+        }
+        // Task management escalation.
+        if let Some(tmf) = self.tmf {
+            if now.saturating_duration_since(tmf.sent) >= t.tmf_timeout {
+                self.tmf = None;
+                match tmf.function {
+                    TmfFunction::AbortTask => {
+                        warn!(
+                            "iSCSI session to {}: ABORT TASK for task {:#010x} not answered within {:?}; resetting the LUN",
+                            self.portal, tmf.ref_itt, t.tmf_timeout
+                        );
+                        self.send_lun_reset(now);
+                    }
+                    _ => {
+                        return Err(SessionError::ConnectionLost {
+                            portal: self.portal.clone(),
+                            reason: format!(
+                                "{:?} not answered within {:?}",
+                                tmf.function, t.tmf_timeout
+                            ),
+                        })
+                    }
+                }
+            }
+            return Ok(());
+        }
+        // Command deadlines: abort the oldest late command.
+        let late = self
+            .tasks
+            .iter()
+            .filter(|x| {
+                !x.aborting && now.saturating_duration_since(x.started) >= t.command_timeout
+            })
+            .min_by_key(|x| x.started)
+            .map(|x| (x.itt, x.cmd_sn, x.req.lun, x.req.cdb[0]));
+        if let Some((ref_itt, ref_cmd_sn, lun, op)) = late {
+            warn!(
+                "iSCSI session to {}: command {op:#04x} (task {ref_itt:#010x}) not finished after {:?}; sending ABORT TASK",
+                self.portal, t.command_timeout
+            );
+            if let Some(task) = self.tasks.get_mut(ref_itt) {
+                task.aborting = true;
+            }
+            let itt = self.next_special_itt(TMF_ITT_INDEX);
+            let h = TaskMgmtRequest {
+                immediate: true,
+                function: TmfFunction::AbortTask,
+                lun,
+                itt,
+                referenced_task_tag: ref_itt,
+                cmd_sn: self.cmd_sn,
+                exp_stat_sn: self.exp_stat_sn,
+                ref_cmd_sn,
+                exp_data_sn: 0,
+            };
+            self.conn.queue(OutPdu::new(h.encode(), PduData::None));
+            self.tmf = Some(PendingTmf {
+                itt,
+                function: TmfFunction::AbortTask,
+                ref_itt,
+                sent: now,
+            });
+        }
+        Ok(())
+    }
+
+    fn send_lun_reset(&mut self, now: Instant) {
+        let lun = self.tasks.iter().next().map(|x| x.req.lun).unwrap_or(0);
+        for itt in self.tasks.iter().map(|x| x.itt).collect::<Vec<_>>() {
+            if let Some(task) = self.tasks.get_mut(itt) {
+                if now.saturating_duration_since(task.started) >= self.timeouts.command_timeout {
+                    task.aborting = true;
+                }
+            }
+        }
+        let itt = self.next_special_itt(TMF_ITT_INDEX);
+        let h = TaskMgmtRequest {
+            immediate: true,
+            function: TmfFunction::LogicalUnitReset,
+            lun,
+            itt,
+            referenced_task_tag: RESERVED_TAG,
+            cmd_sn: self.cmd_sn,
+            exp_stat_sn: self.exp_stat_sn,
+            ref_cmd_sn: 0,
+            exp_data_sn: 0,
+        };
+        self.conn.queue(OutPdu::new(h.encode(), PduData::None));
+        self.tmf = Some(PendingTmf {
+            itt,
+            function: TmfFunction::LogicalUnitReset,
+            ref_itt: RESERVED_TAG,
+            sent: now,
+        });
+    }
+
+    fn timed_out(&self) -> SessionError {
+        SessionError::Timeout {
+            portal: self.portal.clone(),
+        }
+    }
+
+    fn on_tmf_response(
+        &mut self,
+        r: TaskMgmtResponse,
+        done: &mut Vec<ScsiResult>,
+    ) -> Result<(), SessionError> {
+        self.update_seq(&r.seq, true)?;
+        let Some(tmf) = self.tmf.filter(|t| t.itt == r.itt) else {
+            return Err(self.violation(format!(
+                "Task Management Response for unknown ITT {:#010x}",
+                r.itt
+            )));
+        };
+        self.tmf = None;
+        match (tmf.function, r.response) {
+            (TmfFunction::AbortTask, TmfResponse::Complete | TmfResponse::TaskDoesNotExist) => {
+                if let Some(task) = self.tasks.remove(tmf.ref_itt) {
+                    warn!(
+                        "iSCSI session to {}: task {:#010x} aborted after its timeout",
+                        self.portal, tmf.ref_itt
+                    );
+                    done.push(ScsiResult {
+                        tag: task.req.tag,
+                        result: Err(self.timed_out()),
+                    });
+                }
+            }
+            (TmfFunction::AbortTask, other) => {
+                warn!(
+                    "iSCSI session to {}: ABORT TASK refused ({other:?}); resetting the LUN",
+                    self.portal
+                );
+                self.send_lun_reset(Instant::now());
+            }
+            (TmfFunction::LogicalUnitReset, TmfResponse::Complete) => {
+                // Every task of the LUN is gone: late ones fail, the others go out again.
+                let all = self.tasks.drain();
+                warn!(
+                    "iSCSI session to {}: LUN reset done; {} task(s) ended by it",
+                    self.portal,
+                    all.len()
+                );
+                for t in all.into_iter().rev() {
+                    if t.aborting {
+                        done.push(ScsiResult {
+                            tag: t.req.tag,
+                            result: Err(self.timed_out()),
+                        });
+                    } else {
+                        self.waiting.push_front((t.req, t.reissued));
+                    }
+                }
+            }
+            (f, other) => {
+                return Err(SessionError::ConnectionLost {
+                    portal: self.portal.clone(),
+                    reason: format!("task management {f:?} failed: {other:?}"),
+                })
+            }
+        }
+        Ok(())
     }
 
     /// The negotiated parameters.
@@ -144,7 +532,7 @@ impl Session {
 
     /// Commands accepted and not yet finished.
     pub fn in_flight(&self) -> usize {
-        self.tasks.len() + self.waiting.len() + self.ready.len()
+        self.tasks.len() + self.waiting.len() + self.ready.len() + self.orphans.len()
     }
 
     /// Why the session is down, if it is.
@@ -153,15 +541,24 @@ impl Session {
     }
 
     /// Accepts a command; it goes out at the next [`poll`](Self::poll).
+    /// On a lost session it waits for the replacement (up to the
+    /// replacement timeout), then fails.
     pub fn submit(&mut self, req: ScsiCommandReq) {
         if let Some(e) = &self.failed {
-            self.ready.push(ScsiResult {
-                tag: req.tag,
-                result: Err(e.clone()),
-            });
+            let waiting = self
+                .lost_at
+                .is_some_and(|t| t.elapsed() < self.timeouts.replacement_timeout);
+            if waiting {
+                self.orphans.push_back((req, 0));
+            } else {
+                self.ready.push(ScsiResult {
+                    tag: req.tag,
+                    result: Err(e.clone()),
+                });
+            }
             return;
         }
-        self.waiting.push_back(req);
+        self.waiting.push_back((req, 0));
     }
 
     /// Sends what can be sent, receives what has arrived, appends finished commands.
@@ -208,26 +605,47 @@ impl Session {
         }
     }
 
-    /// Fails every command and marks the session down.
+    /// Marks the session down. Unfinished commands are kept for the next
+    /// session (a command that timed out, or was re-issued too often, fails).
     fn fail(&mut self, e: SessionError, done: &mut Vec<ScsiResult>) {
-        error!(
-            "iSCSI session to {}: {e}; failing {} command(s)",
-            self.portal,
-            self.in_flight()
-        );
+        let keep = !self.timeouts.replacement_timeout.is_zero();
+        let mut failed = 0usize;
         for t in self.tasks.drain() {
-            done.push(ScsiResult {
-                tag: t.req.tag,
-                result: Err(e.clone()),
-            });
+            if keep && !t.aborting && t.reissued < MAX_REISSUE {
+                self.orphans.push_back((t.req, t.reissued + 1));
+            } else {
+                failed += 1;
+                done.push(ScsiResult {
+                    tag: t.req.tag,
+                    result: Err(if t.aborting {
+                        self.timed_out()
+                    } else {
+                        e.clone()
+                    }),
+                });
+            }
         }
-        for r in self.waiting.drain(..) {
-            done.push(ScsiResult {
-                tag: r.tag,
-                result: Err(e.clone()),
-            });
+        for (r, n) in self.waiting.drain(..) {
+            if keep {
+                self.orphans.push_back((r, n));
+            } else {
+                failed += 1;
+                done.push(ScsiResult {
+                    tag: r.tag,
+                    result: Err(e.clone()),
+                });
+            }
         }
+        error!(
+            "iSCSI session to {}: {e}; failing {failed} command(s), keeping {} for a new connection (up to {:?})",
+            self.portal,
+            self.orphans.len(),
+            self.timeouts.replacement_timeout
+        );
         self.failed = Some(e);
+        self.lost_at = Some(Instant::now());
+        self.nop = None;
+        self.tmf = None;
     }
 
     /// Starts waiting commands while the CmdSN window and the task table allow.
@@ -236,14 +654,14 @@ impl Session {
             && serial_le(self.cmd_sn, self.max_cmd_sn)
             && self.tasks.has_room()
         {
-            let Some(req) = self.waiting.pop_front() else {
+            let Some((req, reissued)) = self.waiting.pop_front() else {
                 break;
             };
-            self.send_command(req);
+            self.send_command(req, reissued);
         }
     }
 
-    fn send_command(&mut self, req: ScsiCommandReq) {
+    fn send_command(&mut self, req: ScsiCommandReq, reissued: u8) {
         let cmd_sn = self.cmd_sn;
         self.cmd_sn = self.cmd_sn.wrapping_add(1);
         let len = req.len;
@@ -285,6 +703,9 @@ impl Session {
             exp_data_sn: 0,
             data_out: (immediate + unsolicited_out) as u64,
             exp_r2t_sn: 0,
+            started: Instant::now(),
+            reissued,
+            aborting: false,
         };
         let lun = task.req.lun;
         let buf = task.req.buf.clone();
@@ -438,6 +859,7 @@ impl Session {
             Ok(None) => return Ok(false),
             Err(e) => return Err(self.lost(e)),
         };
+        self.last_rx = Instant::now();
         if let Some(reason) = refused {
             return Err(self.violation(reason));
         }
@@ -448,6 +870,7 @@ impl Session {
             TargetPdu::ScsiResponse(r) => self.on_response(r, &pdu.data, done)?,
             TargetPdu::R2t(r) => self.on_r2t(r)?,
             TargetPdu::NopIn(n) => self.on_nop_in(n, pdu.data)?,
+            TargetPdu::TaskMgmtResponse(r) => self.on_tmf_response(r, done)?,
             TargetPdu::Reject(r) => {
                 self.update_seq(&r.seq, false)?;
                 let itt = pdu
@@ -656,7 +1079,27 @@ impl Session {
     }
 
     fn on_nop_in(&mut self, n: NopIn, data: Vec<u8>) -> Result<(), SessionError> {
-        // A NOP-In that answers our ping carries a StatSN of its own only if the ITT is ours.
+        if n.itt != RESERVED_TAG {
+            // The answer to our ping (RFC 7143 §11.19): it carries a StatSN
+            // of its own. Some targets do not advance it; accept both.
+            match self.nop {
+                Some((itt, _)) if itt == n.itt => self.nop = None,
+                _ => {
+                    return Err(
+                        self.violation(format!("NOP-In answers unknown ping {:#010x}", n.itt))
+                    )
+                }
+            }
+            let status = n.seq.stat_sn == self.exp_stat_sn;
+            if !status && n.seq.stat_sn != self.exp_stat_sn.wrapping_sub(1) {
+                return Err(self.violation(format!(
+                    "StatSN {} out of order (expected {})",
+                    n.seq.stat_sn, self.exp_stat_sn
+                )));
+            }
+            self.update_seq(&n.seq, status)?;
+            return Ok(());
+        }
         self.update_seq(&n.seq, false)?;
         if n.ttt != RESERVED_TAG {
             // The target pings us: answer with its TTT and its data.
@@ -692,6 +1135,14 @@ impl Session {
         let mut done = Vec::new();
         loop {
             self.poll(&mut done);
+            if let Some(e) = self.failed.clone() {
+                self.orphans.retain(|o| o.0.tag != tag);
+                if let Some(i) = done.iter().position(|r| r.tag == tag) {
+                    done.swap_remove(i);
+                }
+                self.ready.extend(done);
+                return Err(e);
+            }
             if let Some(i) = done.iter().position(|r| r.tag == tag) {
                 let r = done.swap_remove(i);
                 self.ready.extend(done);
