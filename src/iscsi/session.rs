@@ -83,7 +83,7 @@ impl Default for SessionTimeouts {
             nop_timeout: Duration::from_secs(5),
             command_timeout: Duration::from_secs(30),
             tmf_timeout: Duration::from_secs(10),
-            replacement_timeout: Duration::from_secs(30),
+            replacement_timeout: Duration::from_secs(20),
         }
     }
 }
