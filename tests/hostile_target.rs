@@ -53,14 +53,32 @@ fn recovers(m: Misbehave, digests: bool, len: usize, expect_log: &str) {
     let start = Instant::now();
     let (w, r, ok) = write_read(&mut c, 64 * 1024, len, 2);
     let took = start.elapsed();
-    assert_eq!((w, r, ok), (0, 0, true), "{m:?}: I/O not recovered; log:\n{}", b.log());
-    assert!(took < Duration::from_secs(15), "{m:?}: recovery took {took:?}");
-    assert_eq!(t.disk(64 * 1024, len), pattern(64 * 1024, len, 2), "{m:?}: target data");
+    assert_eq!(
+        (w, r, ok),
+        (0, 0, true),
+        "{m:?}: I/O not recovered; log:\n{}",
+        b.log()
+    );
+    assert!(
+        took < Duration::from_secs(15),
+        "{m:?}: recovery took {took:?}"
+    );
+    assert_eq!(
+        t.disk(64 * 1024, len),
+        pattern(64 * 1024, len, 2),
+        "{m:?}: target data"
+    );
     let log = b.log();
-    assert!(log.contains(expect_log), "{m:?}: log lacks {expect_log:?}:\n{log}");
+    assert!(
+        log.contains(expect_log),
+        "{m:?}: log lacks {expect_log:?}:\n{log}"
+    );
     assert!(t.connections() > logins, "{m:?}: no new login; log:\n{log}");
     assert!(log.contains("reconnected to"), "{m:?}: {log}");
-    assert_eq!(write_read(&mut c, 8 * MIB as u64, 128 * 1024, 3), (0, 0, true));
+    assert_eq!(
+        write_read(&mut c, 8 * MIB as u64, 128 * 1024, 3),
+        (0, 0, true)
+    );
     eprintln!("{m:?}: recovered in {took:?}");
 }
 
@@ -71,7 +89,12 @@ fn wrong_itt_recovers() {
 
 #[test]
 fn truncated_pdu_then_close_recovers() {
-    recovers(Misbehave::TruncateThenClose, false, 4096, "connection to 127.0.0.1");
+    recovers(
+        Misbehave::TruncateThenClose,
+        false,
+        4096,
+        "connection to 127.0.0.1",
+    );
 }
 
 #[test]
@@ -102,7 +125,12 @@ fn data_in_overflow_recovers() {
 
 #[test]
 fn silent_target_is_detected_by_ping_and_recovers() {
-    recovers(Misbehave::Silence, false, 4096, "did not answer a NOP-Out ping");
+    recovers(
+        Misbehave::Silence,
+        false,
+        4096,
+        "did not answer a NOP-Out ping",
+    );
 }
 
 #[test]
@@ -149,7 +177,12 @@ fn persistent_misbehaviour_fails_the_io_instead_of_looping() {
     assert_ne!(w, 0, "a write the target never acknowledged must fail");
     assert!(start.elapsed() < Duration::from_secs(20));
     t.arm(Misbehave::None, false);
-    assert_eq!(write_read(&mut c, 4096, 4096, 3), (0, 0, true), "{}", b.log());
+    assert_eq!(
+        write_read(&mut c, 4096, 4096, 3),
+        (0, 0, true),
+        "{}",
+        b.log()
+    );
 }
 
 #[test]

@@ -606,12 +606,14 @@ impl Session {
     }
 
     /// Marks the session down. Unfinished commands are kept for the next
-    /// session (a command that timed out, or was re-issued too often, fails).
+    /// session (a command re-issued too often fails).
     fn fail(&mut self, e: SessionError, done: &mut Vec<ScsiResult>) {
         let keep = !self.timeouts.replacement_timeout.is_zero();
         let mut failed = 0usize;
         for t in self.tasks.drain() {
-            if keep && !t.aborting && t.reissued < MAX_REISSUE {
+            // A command being aborted is in an unknown state too: re-issue it
+            // like the others (the count bounds a command that always hangs).
+            if keep && t.reissued < MAX_REISSUE {
                 self.orphans.push_back((t.req, t.reissued + 1));
             } else {
                 failed += 1;

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use vhost_iser::iscsi::digest::{data_digest, header_digest};
 use vhost_iser::iscsi::pdu::{
-    peek_lengths, pad_len, DataIn, InitiatorPdu, LoginResponse, NopIn, R2t, ScsiResponse,
-    SeqNums, Stage, TaskMgmtResponse, TmfFunction, TmfResponse, BHS_LEN, U24,
+    pad_len, peek_lengths, DataIn, InitiatorPdu, LoginResponse, NopIn, R2t, ScsiResponse, SeqNums,
+    Stage, TaskMgmtResponse, TmfFunction, TmfResponse, BHS_LEN, U24,
 };
 
 /// The target's IQN.
@@ -425,7 +425,13 @@ impl Conn {
         Ok(())
     }
 
-    fn respond(&mut self, itt: u32, status: u8, sense_data: &[u8], residual: i64) -> std::io::Result<()> {
+    fn respond(
+        &mut self,
+        itt: u32,
+        status: u8,
+        sense_data: &[u8],
+        residual: i64,
+    ) -> std::io::Result<()> {
         let mut data = Vec::new();
         if !sense_data.is_empty() {
             data.extend_from_slice(&(sense_data.len() as u16).to_be_bytes());
@@ -477,7 +483,11 @@ impl Conn {
                 seq,
                 data_sn: i as u32,
                 buffer_offset: (i * 65536) as u32,
-                residual_count: if last { residual.unsigned_abs() as u32 } else { 0 },
+                residual_count: if last {
+                    residual.unsigned_abs() as u32
+                } else {
+                    0
+                },
             };
             let c = c.to_vec();
             self.send(h.encode(), &c)?;
@@ -486,9 +496,17 @@ impl Conn {
     }
 
     /// The script for this I/O (consumed unless persistent).
-    fn take_script(&mut self) -> Misbehave {
+    fn take_script(&mut self, write: bool) -> Misbehave {
         let mut s = self.shared.lock().unwrap();
         let m = s.script;
+        let applies = match m {
+            Misbehave::DataInOverflow => !write,
+            Misbehave::R2tBeyondBuffer => write,
+            _ => true,
+        };
+        if !applies {
+            return Misbehave::None;
+        }
         if !s.persistent && !matches!(m, Misbehave::HangCommandRefuseAbort) {
             s.script = Misbehave::None;
         }
@@ -653,17 +671,20 @@ impl Conn {
                 let (lba, nblk) = if cdb[0] & 0x80 != 0 {
                     (be64(&cdb[2..10]), be32(&cdb[10..14]) as u64)
                 } else {
-                    (be32(&cdb[2..6]) as u64, u16::from_be_bytes([cdb[7], cdb[8]]) as u64)
+                    (
+                        be32(&cdb[2..6]) as u64,
+                        u16::from_be_bytes([cdb[7], cdb[8]]) as u64,
+                    )
                 };
                 if (lba + nblk) * 512 > size || nblk * 512 != edtl as u64 {
                     return self.respond(itt, 2, &sense(5, 0x21, 0), 0);
                 }
                 let off = (lba * 512) as usize;
-                let script = self.take_script();
+                let write = cdb[0] & 0x02 != 0;
+                let script = self.take_script(write);
                 if self.misbehave(script, itt)? {
                     return Ok(());
                 }
-                let write = cdb[0] & 0x02 != 0;
                 if !write {
                     let mut d = self.shared.lock().unwrap().disk[off..off + edtl as usize].to_vec();
                     if script == Misbehave::DataInOverflow {
