@@ -50,7 +50,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
 /// [`RECONNECT_MAX_INTERVAL`]).
 const RECONNECT_INTERVAL: Duration = Duration::from_millis(250);
 /// Longest time between two reconnect attempts.
-const RECONNECT_MAX_INTERVAL: Duration = Duration::from_secs(4);
+const RECONNECT_MAX_INTERVAL: Duration = Duration::from_secs(1);
 /// Period of the queue's timer (pings, deadlines, reconnects, delayed retries).
 const TICK: Duration = Duration::from_millis(100);
 /// Retries of BUSY / TASK SET FULL / NOT READY / ABORTED COMMAND wait this

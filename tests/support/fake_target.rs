@@ -626,7 +626,7 @@ impl Conn {
         match cdb[0] {
             0x00 | 0x35 | 0x91 => self.respond(itt, 0, &[], 0),
             0x12 if cdb[1] & 1 == 0 => {
-                let mut d = vec![0u8; 36];
+                let mut d = [0u8; 36];
                 d[2] = 5;
                 d[3] = 2;
                 d[4] = 31;
@@ -644,14 +644,14 @@ impl Conn {
             }
             0x12 => self.respond(itt, 2, &sense(5, 0x24, 0), 0),
             0x25 => {
-                let mut d = vec![0u8; 8];
+                let mut d = [0u8; 8];
                 d[..4].copy_from_slice(&((blocks - 1).min(0xffff_fffe) as u32).to_be_bytes());
                 d[4..8].copy_from_slice(&512u32.to_be_bytes());
                 let n = alloc(d.len());
                 self.data_in(c.lun, itt, &d[..n], edtl)
             }
             0x9e if cdb[1] & 0x1f == 0x10 => {
-                let mut d = vec![0u8; 32];
+                let mut d = [0u8; 32];
                 d[..8].copy_from_slice(&(blocks - 1).to_be_bytes());
                 d[8..12].copy_from_slice(&512u32.to_be_bytes());
                 let n = alloc(d.len());
