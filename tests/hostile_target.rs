@@ -192,3 +192,52 @@ fn idle_session_is_pinged() {
     assert!(t.nop_outs() >= 2, "NOP-Outs: {}", t.nop_outs());
     assert_eq!(t.connections(), 1);
 }
+
+/// BUSY and TASK SET FULL: retried after a delay, and the I/O succeeds on
+/// the same session.
+#[test]
+fn busy_and_task_set_full_are_retried_later() {
+    let (t, b, mut c) = setup(false);
+    for m in [Misbehave::Busy, Misbehave::TaskSetFull] {
+        t.arm(m, false);
+        assert_eq!(write_read(&mut c, 4096, 4096, 5), (0, 0, true), "{m:?}");
+    }
+    let log = b.log();
+    assert!(log.contains("retrying WRITE(10) in"), "{log}");
+    assert!(log.contains("BUSY"), "{log}");
+    assert!(log.contains("TASK SET FULL"), "{log}");
+    assert_eq!(t.connections(), 1, "no reconnect for a busy target");
+}
+
+/// UNIT ATTENTION 2A/09: the command is retried and the new capacity read.
+#[test]
+fn capacity_change_is_re_read() {
+    let (t, b, mut c) = setup(false);
+    t.arm(Misbehave::CapacityChanged, false);
+    assert_eq!(write_read(&mut c, 4096, 4096, 6), (0, 0, true));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !b.log().contains("now has 65536 sectors") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        b.log().contains("now has 65536 sectors (was 32768)"),
+        "{}",
+        b.log()
+    );
+}
+
+/// RESERVATION CONFLICT: an error for the guest with a log line that says why.
+#[test]
+fn reservation_conflict_is_reported() {
+    let (t, b, mut c) = setup(false);
+    t.arm(Misbehave::ReservationConflict, false);
+    let (w, r, _) = write_read(&mut c, 4096, 4096, 7);
+    assert_ne!(w, 0);
+    assert_eq!(r, 0);
+    assert!(
+        b.log()
+            .contains("RESERVATION CONFLICT: another initiator holds a SCSI reservation"),
+        "{}",
+        b.log()
+    );
+}

@@ -47,6 +47,14 @@ pub enum Misbehave {
     HangCommand,
     /// Like `HangCommand`, and refuse ABORT TASK (a LUN RESET follows).
     HangCommandRefuseAbort,
+    /// Answer BUSY (the initiator retries later).
+    Busy,
+    /// Answer TASK SET FULL.
+    TaskSetFull,
+    /// Double the LUN and answer UNIT ATTENTION 2A/09 (capacity data changed).
+    CapacityChanged,
+    /// Answer RESERVATION CONFLICT.
+    ReservationConflict,
 }
 
 struct Shared {
@@ -606,6 +614,17 @@ impl Conn {
             }
             Misbehave::HangCommand | Misbehave::HangCommandRefuseAbort => {
                 self.hung.push(itt);
+            }
+            Misbehave::Busy => self.respond(itt, 0x08, &[], 0)?,
+            Misbehave::TaskSetFull => self.respond(itt, 0x28, &[], 0)?,
+            Misbehave::ReservationConflict => self.respond(itt, 0x18, &[], 0)?,
+            Misbehave::CapacityChanged => {
+                {
+                    let mut s = self.shared.lock().unwrap();
+                    let n = s.disk.len() * 2;
+                    s.disk.resize(n, 0);
+                }
+                self.respond(itt, 2, &sense(6, 0x2a, 0x09), 0)?;
             }
             _ => return Ok(false),
         }
