@@ -241,3 +241,127 @@ fn reservation_conflict_is_reported() {
         b.log()
     );
 }
+
+/// A network namespace with a veth pair to the host: `10.231.N.1` here,
+/// `10.231.N.2` inside (a test host of this run's own). Removed when dropped.
+struct Netns {
+    name: String,
+    host_if: String,
+    inner_ip: String,
+}
+
+fn ip(args: &[&str]) {
+    let st = std::process::Command::new(support::require_tool("ip", "iproute2"))
+        .args(args)
+        .status()
+        .expect("run ip");
+    assert!(
+        st.success(),
+        "ip {args:?} failed (network namespaces need root)"
+    );
+}
+
+impl Netns {
+    fn new() -> Netns {
+        let id = std::process::id() % 250;
+        let name = format!("vhiser-test-{}", std::process::id());
+        let host_if = format!("vhi{id}a");
+        let inner_if = format!("vhi{id}b");
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &name])
+            .status();
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &host_if])
+            .status();
+        ip(&["netns", "add", &name]);
+        let n = Netns {
+            name: name.clone(),
+            host_if: host_if.clone(),
+            inner_ip: format!("10.231.{id}.2"),
+        };
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &inner_if,
+        ]);
+        ip(&["link", "set", &inner_if, "netns", &name]);
+        ip(&["addr", "add", &format!("10.231.{id}.1/30"), "dev", &host_if]);
+        ip(&["link", "set", &host_if, "up"]);
+        let inner = |a: &[&str]| {
+            let mut v = vec!["netns", "exec", name.as_str(), "ip"];
+            v.extend_from_slice(a);
+            ip(&v);
+        };
+        inner(&[
+            "addr",
+            "add",
+            &format!("10.231.{id}.2/30"),
+            "dev",
+            &inner_if,
+        ]);
+        inner(&["link", "set", &inner_if, "up"]);
+        inner(&["link", "set", "lo", "up"]);
+        n
+    }
+
+    fn link(&self, up: bool) {
+        ip(&["link", "set", &self.host_if, if up { "up" } else { "down" }]);
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .status();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// The target sits behind a veth link that goes down for 4 s in the middle
+/// of a write: the ping notices, the session reconnects once the link is
+/// back, the write completes and lands on the target.
+#[test]
+fn network_partition_heals_and_io_completes() {
+    let ns = Netns::new();
+    let t = FakeTarget::start_in(Some(&ns.name), &ns.inner_ip, 16 * MIB, false);
+    let url = t.url();
+    let b = Backend::start_env(
+        &["--target", &url],
+        &[(
+            "VHOST_ISER_TIMEOUTS",
+            "nop=1,nop_timeout=1,command=20,replacement=30",
+        )],
+    );
+    let mut c = Client::connect(&b.socket, 1, 4 * MIB);
+    assert_eq!(write_read(&mut c, 0, 4096, 1), (0, 0, true));
+    ns.link(false);
+    let down = Instant::now();
+    let len = 64 * 1024;
+    let data = pattern(MIB as u64, len, 4);
+    c.buf()[..len].copy_from_slice(&data);
+    let p = c.ptr(0);
+    c.queues[0].write(MIB as u64, p, len, 1, blkio::ReqFlags::empty());
+    std::thread::sleep(Duration::from_secs(4));
+    ns.link(true);
+    let up = Instant::now();
+    let r = c.wait(0, 1)[0].1;
+    let recovered = up.elapsed();
+    assert_eq!(r, 0, "write across the partition failed; log:\n{}", b.log());
+    assert_eq!(t.disk(MIB, len), data);
+    let log = b.log();
+    assert!(
+        log.contains("did not answer a NOP-Out ping") || log.contains("lost"),
+        "{log}"
+    );
+    assert!(log.contains("reconnected to"), "{log}");
+    assert!(
+        recovered < Duration::from_secs(15),
+        "took {recovered:?} after the link came back"
+    );
+    eprintln!(
+        "partition of {:?}: write completed {recovered:?} after the link came back",
+        up - down
+    );
+    assert_eq!(write_read(&mut c, 2 * MIB as u64, 4096, 5), (0, 0, true));
+}

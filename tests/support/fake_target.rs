@@ -70,6 +70,7 @@ struct Shared {
 
 /// A running fake target.
 pub struct FakeTarget {
+    host: String,
     port: u16,
     shared: Arc<Mutex<Shared>>,
     stop: Arc<AtomicBool>,
@@ -80,9 +81,32 @@ impl FakeTarget {
     /// Starts a target with a `size`-byte LUN; `digests` makes it choose CRC32C
     /// header and data digests when the initiator offers them.
     pub fn start(size: usize, digests: bool) -> FakeTarget {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind fake target");
-        listener.set_nonblocking(true).expect("nonblocking");
+        Self::start_in(None, "127.0.0.1", size, digests)
+    }
+
+    /// Like [`start`](Self::start), listening on `addr` inside the network
+    /// namespace `netns` (a name under /var/run/netns) when given.
+    pub fn start_in(netns: Option<&str>, addr: &str, size: usize, digests: bool) -> FakeTarget {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let netns = netns.map(|n| format!("/var/run/netns/{n}"));
+        let addr = addr.to_string();
+        let listen = std::thread::spawn(move || {
+            if let Some(ns) = netns {
+                let f = std::fs::File::open(&ns).expect("open netns");
+                use std::os::fd::AsRawFd;
+                // SAFETY: setns on a valid namespace fd; affects this thread only
+                // (and the threads it spawns).
+                let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(r, 0, "setns {ns}: {}", std::io::Error::last_os_error());
+            }
+            let l = TcpListener::bind((addr.as_str(), 0)).expect("bind fake target");
+            l.set_nonblocking(true).expect("nonblocking");
+            tx.send(l).expect("send listener");
+        });
+        let listener = rx.recv().expect("fake target listener");
+        listen.join().expect("listener thread");
         let port = listener.local_addr().unwrap().port();
+        let host = listener.local_addr().unwrap().ip().to_string();
         let shared = Arc::new(Mutex::new(Shared {
             disk: vec![0u8; size],
             script: Misbehave::None,
@@ -110,6 +134,7 @@ impl FakeTarget {
             }
         });
         FakeTarget {
+            host,
             port,
             shared,
             stop,
@@ -119,7 +144,7 @@ impl FakeTarget {
 
     /// `iscsi://127.0.0.1:PORT/IQN/0`.
     pub fn url(&self) -> String {
-        format!("iscsi://127.0.0.1:{}/{FAKE_IQN}/0", self.port)
+        format!("iscsi://{}:{}/{FAKE_IQN}/0", self.host, self.port)
     }
 
     /// Misbehaves at the next READ or WRITE (or at every one, `persistent`).
