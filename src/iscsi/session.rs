@@ -208,6 +208,8 @@ pub struct Session {
     /// Commands kept after the connection was lost (CmdSN order).
     orphans: VecDeque<(ScsiCommandReq, u8)>,
     lost_at: Option<Instant>,
+    /// The replacement timeout passed: new commands fail at once.
+    gave_up: bool,
 }
 
 impl Session {
@@ -237,6 +239,7 @@ impl Session {
             tmf: None,
             orphans: VecDeque::new(),
             lost_at: None,
+            gave_up: false,
         }
     }
 
@@ -286,6 +289,9 @@ impl Session {
             let expired = self.lost_at.is_some_and(|t| {
                 now.saturating_duration_since(t) >= self.timeouts.replacement_timeout
             });
+            if expired {
+                self.gave_up = true;
+            }
             if expired && !self.orphans.is_empty() {
                 error!(
                     "iSCSI session to {}: no new connection within the replacement timeout ({:?}); failing {} command(s)",
@@ -545,9 +551,10 @@ impl Session {
     /// replacement timeout), then fails.
     pub fn submit(&mut self, req: ScsiCommandReq) {
         if let Some(e) = &self.failed {
-            let waiting = self
-                .lost_at
-                .is_some_and(|t| t.elapsed() < self.timeouts.replacement_timeout);
+            let waiting = !self.gave_up
+                && self
+                    .lost_at
+                    .is_some_and(|t| t.elapsed() < self.timeouts.replacement_timeout);
             if waiting {
                 self.orphans.push_back((req, 0));
             } else {
@@ -1180,5 +1187,255 @@ fn opcode_name(p: &TargetPdu) -> &'static str {
         TargetPdu::TaskMgmtResponse(_) => "Task Management Response",
         TargetPdu::Reject(_) => "Reject",
         TargetPdu::AsyncMessage(_) => "Async Message",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::iscsi::pdu::InitiatorPdu;
+    use crate::transport::InPdu;
+    use std::sync::{Arc, Mutex};
+
+    /// What the mock connection saw and what it will deliver.
+    #[derive(Default)]
+    struct Wire {
+        sent: Vec<InitiatorPdu>,
+        inbox: VecDeque<InPdu>,
+        closed: bool,
+    }
+
+    struct Mock(Arc<Mutex<Wire>>);
+
+    impl Transport for Mock {
+        fn addr(&self) -> &str {
+            "mock:3260"
+        }
+        fn fd(&self) -> RawFd {
+            -1
+        }
+        fn set_digests(&mut self, _: bool, _: bool) {}
+        fn set_max_recv_data(&mut self, _: u32) {}
+        fn queue(&mut self, pdu: OutPdu) {
+            let d = InitiatorPdu::decode(&pdu.bhs).expect("session sent a valid PDU");
+            self.0.lock().unwrap().sent.push(d);
+        }
+        fn flush(&mut self) -> Result<bool, TransportError> {
+            Ok(true)
+        }
+        fn has_pending_output(&self) -> bool {
+            false
+        }
+        fn recv(
+            &mut self,
+            _plan: &mut dyn FnMut(&[u8; BHS_LEN]) -> RecvPlan,
+        ) -> Result<Option<InPdu>, TransportError> {
+            let mut w = self.0.lock().unwrap();
+            if w.closed {
+                return Err(TransportError::Closed {
+                    addr: "mock:3260".into(),
+                });
+            }
+            Ok(w.inbox.pop_front())
+        }
+    }
+
+    fn session(t: SessionTimeouts) -> (Session, Arc<Mutex<Wire>>) {
+        let wire = Arc::new(Mutex::new(Wire::default()));
+        let mut s = Session::new(
+            Box::new(Mock(wire.clone())),
+            SessionParams::default(),
+            SessionStart {
+                cmd_sn: 1,
+                exp_stat_sn: 100,
+                max_cmd_sn: 64,
+            },
+        );
+        s.set_timeouts(t);
+        (s, wire)
+    }
+
+    fn tur(tag: u64) -> ScsiCommandReq {
+        ScsiCommandReq {
+            lun: 0,
+            cdb: [0; 16],
+            cdb_len: 6,
+            dir: DataDir::None,
+            buf: None,
+            offset: 0,
+            len: 0,
+            tag,
+        }
+    }
+
+    fn commands(w: &Arc<Mutex<Wire>>) -> Vec<(u32, u32)> {
+        w.lock()
+            .unwrap()
+            .sent
+            .iter()
+            .filter_map(|p| match p {
+                InitiatorPdu::ScsiCommand(c) => Some((c.itt, c.cmd_sn)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn fast() -> SessionTimeouts {
+        SessionTimeouts {
+            nop_interval: Duration::from_secs(1),
+            nop_timeout: Duration::from_secs(1),
+            command_timeout: Duration::from_secs(3),
+            tmf_timeout: Duration::from_secs(1),
+            replacement_timeout: Duration::from_secs(10),
+        }
+    }
+
+    #[test]
+    fn idle_ping_then_drop_when_unanswered() {
+        let (mut s, w) = session(fast());
+        let t0 = Instant::now();
+        s.on_timer(t0);
+        assert!(
+            w.lock().unwrap().sent.is_empty(),
+            "no ping before the interval"
+        );
+        s.on_timer(t0 + Duration::from_millis(1100));
+        let itt = match w.lock().unwrap().sent.last() {
+            Some(InitiatorPdu::NopOut(n)) => {
+                assert!(n.immediate);
+                assert_eq!(n.ttt, RESERVED_TAG);
+                n.itt
+            }
+            other => panic!("expected a NOP-Out, got {other:?}"),
+        };
+        assert_eq!(itt & 0xffff, NOP_ITT_INDEX);
+        s.on_timer(t0 + Duration::from_millis(2200));
+        let e = s.failure().expect("unanswered ping drops the connection");
+        assert!(e.to_string().contains("NOP-Out"), "{e}");
+    }
+
+    #[test]
+    fn lost_connection_keeps_commands_and_reissues_them_in_order() {
+        let (mut s, w) = session(fast());
+        for tag in 1..=3 {
+            s.submit(tur(tag));
+        }
+        let mut done = Vec::new();
+        s.poll(&mut done);
+        assert_eq!(commands(&w).len(), 3);
+        w.lock().unwrap().closed = true;
+        s.poll(&mut done);
+        assert!(done.is_empty(), "nothing fails at once: {done:?}");
+        assert!(s.failure().is_some());
+        s.submit(tur(4)); // arrives during the outage
+        s.poll(&mut done);
+        assert!(done.is_empty());
+        assert_eq!(s.in_flight(), 4);
+
+        let (mut s2, w2) = session(fast());
+        s2.adopt(s.take_orphans());
+        s2.poll(&mut done);
+        let sent = commands(&w2);
+        assert_eq!(sent.len(), 4);
+        let sns: Vec<u32> = sent.iter().map(|c| c.1).collect();
+        assert_eq!(sns, vec![1, 2, 3, 4], "re-issued in order");
+        assert_eq!(s.in_flight(), 0);
+    }
+
+    #[test]
+    fn replacement_timeout_fails_kept_commands() {
+        let (mut s, w) = session(fast());
+        s.submit(tur(7));
+        let mut done = Vec::new();
+        s.poll(&mut done);
+        w.lock().unwrap().closed = true;
+        s.poll(&mut done);
+        assert!(done.is_empty());
+        s.on_timer(Instant::now() + Duration::from_secs(11));
+        s.poll(&mut done);
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].tag, 7);
+        let e = done[0].result.as_ref().unwrap_err().to_string();
+        assert!(e.contains("replacement timeout"), "{e}");
+        // After the timeout, new commands fail at once.
+        s.submit(tur(8));
+        s.poll(&mut done);
+        assert_eq!(done.len(), 2);
+    }
+
+    #[test]
+    fn late_command_is_aborted_then_lun_reset_then_dropped() {
+        let (mut s, w) = session(SessionTimeouts {
+            nop_interval: Duration::from_secs(3600),
+            ..fast()
+        });
+        s.submit(tur(1));
+        let mut done = Vec::new();
+        s.poll(&mut done);
+        let (itt, cmd_sn) = commands(&w)[0];
+        let t0 = Instant::now();
+        s.on_timer(t0 + Duration::from_secs(4));
+        let tmf = |w: &Arc<Mutex<Wire>>| match w.lock().unwrap().sent.last() {
+            Some(InitiatorPdu::TaskMgmtRequest(t)) => t.clone(),
+            other => panic!("expected a TMF, got {other:?}"),
+        };
+        let abort = tmf(&w);
+        assert_eq!(abort.function, TmfFunction::AbortTask);
+        assert_eq!(abort.referenced_task_tag, itt);
+        assert_eq!(abort.ref_cmd_sn, cmd_sn);
+        assert_eq!(abort.itt & 0xffff, TMF_ITT_INDEX);
+        s.on_timer(t0 + Duration::from_secs(6));
+        assert_eq!(tmf(&w).function, TmfFunction::LogicalUnitReset);
+        assert!(s.failure().is_none());
+        s.on_timer(t0 + Duration::from_secs(8));
+        let e = s
+            .failure()
+            .expect("unanswered LUN RESET drops the connection");
+        assert!(e.to_string().contains("LogicalUnitReset"), "{e}");
+    }
+
+    #[test]
+    fn abort_answered_fails_only_that_command() {
+        let (mut s, w) = session(SessionTimeouts {
+            nop_interval: Duration::from_secs(3600),
+            ..fast()
+        });
+        s.submit(tur(1));
+        let mut done = Vec::new();
+        s.poll(&mut done);
+        s.on_timer(Instant::now() + Duration::from_secs(4));
+        let abort = match w.lock().unwrap().sent.last() {
+            Some(InitiatorPdu::TaskMgmtRequest(t)) => t.clone(),
+            other => panic!("expected ABORT TASK, got {other:?}"),
+        };
+        let rsp = TaskMgmtResponse {
+            response: TmfResponse::Complete,
+            itt: abort.itt,
+            seq: SeqNums {
+                stat_sn: 100,
+                exp_cmd_sn: 2,
+                max_cmd_sn: 64,
+            },
+        };
+        w.lock().unwrap().inbox.push_back(InPdu {
+            bhs: rsp.encode(),
+            data: Vec::new(),
+        });
+        s.poll(&mut done);
+        assert_eq!(done.len(), 1);
+        assert!(matches!(done[0].result, Err(SessionError::Timeout { .. })));
+        assert!(s.failure().is_none(), "the session survives");
+    }
+
+    #[test]
+    fn timeouts_parse() {
+        let t = SessionTimeouts::parse("nop=2, command=0.5,replacement=60").unwrap();
+        assert_eq!(t.nop_interval, Duration::from_secs(2));
+        assert_eq!(t.command_timeout, Duration::from_millis(500));
+        assert_eq!(t.replacement_timeout, Duration::from_secs(60));
+        assert_eq!(t.nop_timeout, SessionTimeouts::default().nop_timeout);
+        assert!(SessionTimeouts::parse("nop=-1").is_err());
+        assert!(SessionTimeouts::parse("bogus=1").is_err());
+        assert!(SessionTimeouts::parse("nop").is_err());
     }
 }
