@@ -31,8 +31,11 @@ command -v tgtd >/dev/null || { echo "tgtd not found (Debian package tgt): scrip
 cargo build --release --quiet
 cargo build --release --quiet --manifest-path bench/loadgen/Cargo.toml
 VHOST=$ROOT/target/release/vhost-iser
-LOADGEN=$(ls "$ROOT"/bench/loadgen/target/release/vhost-iser-loadgen "$ROOT"/target/release/vhost-iser-loadgen 2>/dev/null | head -1)
-[ -x "$LOADGEN" ] || { echo "vhost-iser-loadgen not built" >&2; exit 2; }
+LOADGEN=
+for c in "$ROOT"/bench/loadgen/target/release/vhost-iser-loadgen "$ROOT"/target/release/vhost-iser-loadgen; do
+  if [ -x "$c" ]; then LOADGEN=$c; break; fi
+done
+[ -n "$LOADGEN" ] || { echo "vhost-iser-loadgen not built" >&2; exit 2; }
 
 WORK=$(mktemp -d /tmp/vhost-iser-soak.XXXXXX)
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
