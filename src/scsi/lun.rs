@@ -304,6 +304,8 @@ pub struct LunQueue {
     watched_fd: RawFd,
     watching_out: bool,
     last_reconnect: Option<Instant>,
+    /// A login in progress on a helper thread.
+    login: Option<std::sync::mpsc::Receiver<Result<Session, TargetError>>>,
     /// Current wait between reconnect attempts.
     reconnect_backoff: Duration,
     zero_block: Arc<IoBuffers>,
@@ -403,6 +405,7 @@ impl LunQueue {
             watched_fd: fd,
             watching_out: false,
             last_reconnect: None,
+            login: None,
             reconnect_backoff: RECONNECT_INTERVAL,
             zero_block,
             timer,
@@ -803,14 +806,43 @@ impl LunQueue {
         if self.session.failure().is_none() {
             return;
         }
-        if self
-            .last_reconnect
-            .is_some_and(|t| t.elapsed() < self.reconnect_backoff)
-        {
-            return;
-        }
-        self.last_reconnect = Some(Instant::now());
-        match self.factory.open(self.index) {
+        let attempt = match &self.login {
+            Some(rx) => match rx.try_recv() {
+                Ok(r) => {
+                    self.login = None;
+                    r
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => return,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    self.login = None;
+                    return;
+                }
+            },
+            None => {
+                if self
+                    .last_reconnect
+                    .is_some_and(|t| t.elapsed() < self.reconnect_backoff)
+                {
+                    return;
+                }
+                self.last_reconnect = Some(Instant::now());
+                // Log in on a helper thread: a login can take up to the login
+                // timeout, and the queue must keep running its timers meanwhile.
+                let (tx, rx) = std::sync::mpsc::channel();
+                let (factory, index) = (self.factory.clone(), self.index);
+                let spawned = std::thread::Builder::new()
+                    .name(format!("login-q{index}"))
+                    .spawn(move || {
+                        let _ = tx.send(factory.open(index));
+                    });
+                match spawned {
+                    Ok(_) => self.login = Some(rx),
+                    Err(e) => warn!("queue {}: cannot start a login thread: {e}", self.index),
+                }
+                return;
+            }
+        };
+        match attempt {
             Ok(mut s) => {
                 s.set_timeouts(self.session.timeouts());
                 // Failures the old session already decided, then its survivors.
