@@ -365,3 +365,28 @@ fn network_partition_heals_and_io_completes() {
     );
     assert_eq!(write_read(&mut c, 2 * MIB as u64, 4096, 5), (0, 0, true));
 }
+
+/// The target goes away for good: commands wait for the replacement
+/// timeout (8 s here), then fail; nothing hangs.
+#[test]
+fn target_gone_for_good_fails_after_the_replacement_timeout() {
+    let (t, b, mut c) = setup(false);
+    assert_eq!(write_read(&mut c, 0, 4096, 1), (0, 0, true));
+    drop(t);
+    let start = Instant::now();
+    let data = pattern(0, 4096, 9);
+    c.buf()[..4096].copy_from_slice(&data);
+    let w = c.write(0, 0, 0, 4096);
+    let took = start.elapsed();
+    assert_ne!(w, 0, "a write to a vanished target must fail");
+    assert!(
+        took >= Duration::from_secs(7) && took < Duration::from_secs(12),
+        "failed after {took:?}, expected about the 8 s replacement timeout"
+    );
+    let log = b.log();
+    assert!(log.contains("replacement timeout"), "{log}");
+    // New requests fail at once now.
+    let start = Instant::now();
+    assert_ne!(c.read(0, 0, 0, 4096), 0);
+    assert!(start.elapsed() < Duration::from_secs(2));
+}
