@@ -6,8 +6,15 @@
 //! thread only: no locks. Anything a target does that the protocol forbids
 //! (an unknown ITT, data beyond a command's buffer, a StatSN out of order, an
 //! R2T beyond the buffer) ends the connection with a log line that says what
-//! was wrong, and every command in flight fails with an error; guest memory
-//! outside the command's own buffer is never touched.
+//! was wrong; guest memory outside the command's own buffer is never touched.
+//!
+//! Liveness and recovery (ErrorRecoveryLevel 0): [`Session::on_timer`] pings
+//! an idle target with NOP-Out and drops the connection when the answer does
+//! not come; a command past its deadline is aborted (ABORT TASK), then the
+//! LUN is reset, then the connection is dropped. When the connection is lost
+//! the commands that had not completed are kept, in CmdSN order, for the next
+//! session ([`Session::take_orphans`] / [`Session::adopt`]) and fail only when
+//! no new session took them within the replacement timeout.
 
 use std::collections::VecDeque;
 use std::os::fd::RawFd;
@@ -19,9 +26,10 @@ use thiserror::Error;
 use super::params::{DigestKind, SessionParams};
 use super::pdu::{
     serial_ge, serial_gt, serial_le, AsyncEvent, Cdb, DataIn, DataOut, NopIn, NopOut, R2t,
-    ScsiCommand, ScsiResponse, SeqNums, TargetPdu, TaskAttr, RESERVED_TAG, U24,
+    ScsiCommand, ScsiResponse, SeqNums, TargetPdu, TaskAttr, TaskMgmtRequest, TaskMgmtResponse,
+    TmfFunction, TmfResponse, RESERVED_TAG, U24,
 };
-use super::task::{DataDir, ScsiCommandReq, Task, TaskTable};
+use super::task::{DataDir, ScsiCommandReq, Task, TaskTable, NOP_ITT_INDEX, TMF_ITT_INDEX};
 use crate::transport::{OutPdu, PduData, RecvPlan, TaskBuffer, Transport, TransportError, BHS_LEN};
 
 /// Why a command or the session failed.
@@ -49,6 +57,98 @@ pub enum SessionError {
         /// The portal.
         portal: String,
     },
+}
+
+/// Liveness and recovery timers of a session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionTimeouts {
+    /// Ping the target with NOP-Out after this long without a PDU from it.
+    pub nop_interval: Duration,
+    /// Drop the connection when a ping is not answered within this.
+    pub nop_timeout: Duration,
+    /// A command not finished after this is aborted (ABORT TASK).
+    pub command_timeout: Duration,
+    /// A task management request not answered within this escalates
+    /// (ABORT TASK → LUN RESET → drop the connection).
+    pub tmf_timeout: Duration,
+    /// After a lost connection, commands wait this long for a new session
+    /// before they fail.
+    pub replacement_timeout: Duration,
+}
+
+impl Default for SessionTimeouts {
+    fn default() -> Self {
+        SessionTimeouts {
+            nop_interval: Duration::from_secs(5),
+            nop_timeout: Duration::from_secs(5),
+            command_timeout: Duration::from_secs(30),
+            tmf_timeout: Duration::from_secs(10),
+            replacement_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+impl SessionTimeouts {
+    /// Parses "nop=5,nop_timeout=5,command=30,tmf=10,replacement=30"
+    /// (seconds, decimals allowed; keys may be left out).
+    pub fn parse(spec: &str) -> Result<Self, String> {
+        let mut t = SessionTimeouts::default();
+        for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (k, v) = item
+                .split_once('=')
+                .ok_or_else(|| format!("timeout setting {item:?} is not key=seconds"))?;
+            let secs: f64 = v
+                .parse()
+                .ok()
+                .filter(|s: &f64| s.is_finite() && *s >= 0.0 && *s < 1e6)
+                .ok_or_else(|| format!("timeout {k}={v:?} is not a number of seconds"))?;
+            let d = Duration::from_secs_f64(secs);
+            match k {
+                "nop" => t.nop_interval = d,
+                "nop_timeout" => t.nop_timeout = d,
+                "command" => t.command_timeout = d,
+                "tmf" => t.tmf_timeout = d,
+                "replacement" => t.replacement_timeout = d,
+                _ => {
+                    return Err(format!(
+                        "unknown timeout {k:?} (nop, nop_timeout, command, tmf, replacement)"
+                    ))
+                }
+            }
+        }
+        Ok(t)
+    }
+}
+
+/// Commands a lost session had not finished, for the next session.
+#[derive(Default)]
+pub struct Orphans {
+    cmds: VecDeque<(ScsiCommandReq, u8)>,
+}
+
+impl Orphans {
+    /// Number of commands.
+    pub fn len(&self) -> usize {
+        self.cmds.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.cmds.is_empty()
+    }
+}
+
+/// How many times one command is re-issued after lost connections.
+const MAX_REISSUE: u8 = 3;
+
+/// A task management request in flight.
+#[derive(Clone, Copy, Debug)]
+struct PendingTmf {
+    itt: u32,
+    function: TmfFunction,
+    /// ITT of the task it is about (ABORT TASK).
+    ref_itt: u32,
+    sent: Instant,
 }
 
 /// What a command returned.
@@ -93,10 +193,23 @@ pub struct Session {
     max_cmd_sn: u32,
     tasks: TaskTable,
     /// Commands waiting for the CmdSN window or a free slot.
-    waiting: VecDeque<ScsiCommandReq>,
+    waiting: VecDeque<(ScsiCommandReq, u8)>,
     failed: Option<SessionError>,
     /// Results produced outside `poll` (failures), handed out at the next poll.
     ready: Vec<ScsiResult>,
+    timeouts: SessionTimeouts,
+    /// Last time a PDU came from the target (or the session started).
+    last_rx: Instant,
+    /// Outstanding ping: ITT and when it was sent.
+    nop: Option<(u32, Instant)>,
+    /// Generation counter of the special ITTs.
+    special_gen: u16,
+    tmf: Option<PendingTmf>,
+    /// Commands kept after the connection was lost (CmdSN order).
+    orphans: VecDeque<(ScsiCommandReq, u8)>,
+    lost_at: Option<Instant>,
+    /// The replacement timeout passed: new commands fail at once.
+    gave_up: bool,
 }
 
 impl Session {
@@ -119,7 +232,288 @@ impl Session {
             waiting: VecDeque::new(),
             failed: None,
             ready: Vec::new(),
+            timeouts: SessionTimeouts::default(),
+            last_rx: Instant::now(),
+            nop: None,
+            special_gen: 0,
+            tmf: None,
+            orphans: VecDeque::new(),
+            lost_at: None,
+            gave_up: false,
         }
+    }
+
+    /// Sets the liveness and recovery timers.
+    pub fn set_timeouts(&mut self, t: SessionTimeouts) {
+        self.timeouts = t;
+    }
+
+    /// The liveness and recovery timers.
+    pub fn timeouts(&self) -> SessionTimeouts {
+        self.timeouts
+    }
+
+    /// Takes the commands a lost session kept (CmdSN order), for
+    /// [`adopt`](Self::adopt) by its replacement.
+    pub fn take_orphans(&mut self) -> Orphans {
+        Orphans {
+            cmds: std::mem::take(&mut self.orphans),
+        }
+    }
+
+    /// Re-issues a lost session's commands first, in their order.
+    pub fn adopt(&mut self, o: Orphans) {
+        if o.cmds.is_empty() {
+            return;
+        }
+        info!(
+            "iSCSI session to {}: re-issuing {} command(s) from the lost connection",
+            self.portal,
+            o.cmds.len()
+        );
+        for c in o.cmds.into_iter().rev() {
+            self.waiting.push_front(c);
+        }
+    }
+
+    fn next_special_itt(&mut self, index: u32) -> u32 {
+        self.special_gen = self.special_gen.wrapping_add(1);
+        (self.special_gen as u32) << 16 | index
+    }
+
+    /// Timer tick: pings, command deadlines, task management escalation,
+    /// the replacement timeout. Results (failures) come out of the next
+    /// [`poll`](Self::poll).
+    pub fn on_timer(&mut self, now: Instant) {
+        if self.failed.is_some() {
+            let expired = self.lost_at.is_some_and(|t| {
+                now.saturating_duration_since(t) >= self.timeouts.replacement_timeout
+            });
+            if expired {
+                self.gave_up = true;
+            }
+            if expired && !self.orphans.is_empty() {
+                error!(
+                    "iSCSI session to {}: no new connection within the replacement timeout ({:?}); failing {} command(s)",
+                    self.portal,
+                    self.timeouts.replacement_timeout,
+                    self.orphans.len()
+                );
+                let e = SessionError::ConnectionLost {
+                    portal: self.portal.clone(),
+                    reason: format!(
+                        "no new connection within the replacement timeout ({:?})",
+                        self.timeouts.replacement_timeout
+                    ),
+                };
+                for (r, _) in self.orphans.drain(..) {
+                    self.ready.push(ScsiResult {
+                        tag: r.tag,
+                        result: Err(e.clone()),
+                    });
+                }
+            }
+            return;
+        }
+        let mut done = Vec::new();
+        if let Err(e) = self.timer_checks(now) {
+            self.fail(e, &mut done);
+        } else if let Err(e) = self.flush() {
+            self.fail(e, &mut done);
+        }
+        self.ready.append(&mut done);
+    }
+
+    fn timer_checks(&mut self, now: Instant) -> Result<(), SessionError> {
+        let t = self.timeouts;
+        // Liveness.
+        match self.nop {
+            Some((_, sent)) if now.saturating_duration_since(sent) >= t.nop_timeout => {
+                return Err(SessionError::ConnectionLost {
+                    portal: self.portal.clone(),
+                    reason: format!(
+                        "the target did not answer a NOP-Out ping within {:?}",
+                        t.nop_timeout
+                    ),
+                });
+            }
+            None if now.saturating_duration_since(self.last_rx) >= t.nop_interval => {
+                let itt = self.next_special_itt(NOP_ITT_INDEX);
+                let h = NopOut {
+                    immediate: true,
+                    data_segment_length: U24::ZERO,
+                    lun: 0,
+                    itt,
+                    ttt: RESERVED_TAG,
+                    cmd_sn: self.cmd_sn,
+                    exp_stat_sn: self.exp_stat_sn,
+                };
+                self.conn.queue(OutPdu::new(h.encode(), PduData::None));
+                self.nop = Some((itt, now));
+            }
+            _ => {}
+        }
+        // Task management escalation.
+        if let Some(tmf) = self.tmf {
+            if now.saturating_duration_since(tmf.sent) >= t.tmf_timeout {
+                self.tmf = None;
+                match tmf.function {
+                    TmfFunction::AbortTask => {
+                        warn!(
+                            "iSCSI session to {}: ABORT TASK for task {:#010x} not answered within {:?}; resetting the LUN",
+                            self.portal, tmf.ref_itt, t.tmf_timeout
+                        );
+                        self.send_lun_reset(now);
+                    }
+                    _ => {
+                        return Err(SessionError::ConnectionLost {
+                            portal: self.portal.clone(),
+                            reason: format!(
+                                "{:?} not answered within {:?}",
+                                tmf.function, t.tmf_timeout
+                            ),
+                        })
+                    }
+                }
+            }
+            return Ok(());
+        }
+        // Command deadlines: abort the oldest late command.
+        let late = self
+            .tasks
+            .iter()
+            .filter(|x| {
+                !x.aborting && now.saturating_duration_since(x.started) >= t.command_timeout
+            })
+            .min_by_key(|x| x.started)
+            .map(|x| (x.itt, x.cmd_sn, x.req.lun, x.req.cdb[0]));
+        if let Some((ref_itt, ref_cmd_sn, lun, op)) = late {
+            warn!(
+                "iSCSI session to {}: command {op:#04x} (task {ref_itt:#010x}) not finished after {:?}; sending ABORT TASK",
+                self.portal, t.command_timeout
+            );
+            if let Some(task) = self.tasks.get_mut(ref_itt) {
+                task.aborting = true;
+            }
+            let itt = self.next_special_itt(TMF_ITT_INDEX);
+            let h = TaskMgmtRequest {
+                immediate: true,
+                function: TmfFunction::AbortTask,
+                lun,
+                itt,
+                referenced_task_tag: ref_itt,
+                cmd_sn: self.cmd_sn,
+                exp_stat_sn: self.exp_stat_sn,
+                ref_cmd_sn,
+                exp_data_sn: 0,
+            };
+            self.conn.queue(OutPdu::new(h.encode(), PduData::None));
+            self.tmf = Some(PendingTmf {
+                itt,
+                function: TmfFunction::AbortTask,
+                ref_itt,
+                sent: now,
+            });
+        }
+        Ok(())
+    }
+
+    fn send_lun_reset(&mut self, now: Instant) {
+        let lun = self.tasks.iter().next().map(|x| x.req.lun).unwrap_or(0);
+        for itt in self.tasks.iter().map(|x| x.itt).collect::<Vec<_>>() {
+            if let Some(task) = self.tasks.get_mut(itt) {
+                if now.saturating_duration_since(task.started) >= self.timeouts.command_timeout {
+                    task.aborting = true;
+                }
+            }
+        }
+        let itt = self.next_special_itt(TMF_ITT_INDEX);
+        let h = TaskMgmtRequest {
+            immediate: true,
+            function: TmfFunction::LogicalUnitReset,
+            lun,
+            itt,
+            referenced_task_tag: RESERVED_TAG,
+            cmd_sn: self.cmd_sn,
+            exp_stat_sn: self.exp_stat_sn,
+            ref_cmd_sn: 0,
+            exp_data_sn: 0,
+        };
+        self.conn.queue(OutPdu::new(h.encode(), PduData::None));
+        self.tmf = Some(PendingTmf {
+            itt,
+            function: TmfFunction::LogicalUnitReset,
+            ref_itt: RESERVED_TAG,
+            sent: now,
+        });
+    }
+
+    fn timed_out(&self) -> SessionError {
+        SessionError::Timeout {
+            portal: self.portal.clone(),
+        }
+    }
+
+    fn on_tmf_response(
+        &mut self,
+        r: TaskMgmtResponse,
+        done: &mut Vec<ScsiResult>,
+    ) -> Result<(), SessionError> {
+        self.update_seq(&r.seq, true)?;
+        let Some(tmf) = self.tmf.filter(|t| t.itt == r.itt) else {
+            return Err(self.violation(format!(
+                "Task Management Response for unknown ITT {:#010x}",
+                r.itt
+            )));
+        };
+        self.tmf = None;
+        match (tmf.function, r.response) {
+            (TmfFunction::AbortTask, TmfResponse::Complete | TmfResponse::TaskDoesNotExist) => {
+                if let Some(task) = self.tasks.remove(tmf.ref_itt) {
+                    warn!(
+                        "iSCSI session to {}: task {:#010x} aborted after its timeout",
+                        self.portal, tmf.ref_itt
+                    );
+                    done.push(ScsiResult {
+                        tag: task.req.tag,
+                        result: Err(self.timed_out()),
+                    });
+                }
+            }
+            (TmfFunction::AbortTask, other) => {
+                warn!(
+                    "iSCSI session to {}: ABORT TASK refused ({other:?}); resetting the LUN",
+                    self.portal
+                );
+                self.send_lun_reset(Instant::now());
+            }
+            (TmfFunction::LogicalUnitReset, TmfResponse::Complete) => {
+                // Every task of the LUN is gone: late ones fail, the others go out again.
+                let all = self.tasks.drain();
+                warn!(
+                    "iSCSI session to {}: LUN reset done; {} task(s) ended by it",
+                    self.portal,
+                    all.len()
+                );
+                for t in all.into_iter().rev() {
+                    if t.aborting {
+                        done.push(ScsiResult {
+                            tag: t.req.tag,
+                            result: Err(self.timed_out()),
+                        });
+                    } else {
+                        self.waiting.push_front((t.req, t.reissued));
+                    }
+                }
+            }
+            (f, other) => {
+                return Err(SessionError::ConnectionLost {
+                    portal: self.portal.clone(),
+                    reason: format!("task management {f:?} failed: {other:?}"),
+                })
+            }
+        }
+        Ok(())
     }
 
     /// The negotiated parameters.
@@ -144,7 +538,7 @@ impl Session {
 
     /// Commands accepted and not yet finished.
     pub fn in_flight(&self) -> usize {
-        self.tasks.len() + self.waiting.len() + self.ready.len()
+        self.tasks.len() + self.waiting.len() + self.ready.len() + self.orphans.len()
     }
 
     /// Why the session is down, if it is.
@@ -153,15 +547,25 @@ impl Session {
     }
 
     /// Accepts a command; it goes out at the next [`poll`](Self::poll).
+    /// On a lost session it waits for the replacement (up to the
+    /// replacement timeout), then fails.
     pub fn submit(&mut self, req: ScsiCommandReq) {
         if let Some(e) = &self.failed {
-            self.ready.push(ScsiResult {
-                tag: req.tag,
-                result: Err(e.clone()),
-            });
+            let waiting = !self.gave_up
+                && self
+                    .lost_at
+                    .is_some_and(|t| t.elapsed() < self.timeouts.replacement_timeout);
+            if waiting {
+                self.orphans.push_back((req, 0));
+            } else {
+                self.ready.push(ScsiResult {
+                    tag: req.tag,
+                    result: Err(e.clone()),
+                });
+            }
             return;
         }
-        self.waiting.push_back(req);
+        self.waiting.push_back((req, 0));
     }
 
     /// Sends what can be sent, receives what has arrived, appends finished commands.
@@ -208,26 +612,49 @@ impl Session {
         }
     }
 
-    /// Fails every command and marks the session down.
+    /// Marks the session down. Unfinished commands are kept for the next
+    /// session (a command re-issued too often fails).
     fn fail(&mut self, e: SessionError, done: &mut Vec<ScsiResult>) {
-        error!(
-            "iSCSI session to {}: {e}; failing {} command(s)",
-            self.portal,
-            self.in_flight()
-        );
+        let keep = !self.timeouts.replacement_timeout.is_zero();
+        let mut failed = 0usize;
         for t in self.tasks.drain() {
-            done.push(ScsiResult {
-                tag: t.req.tag,
-                result: Err(e.clone()),
-            });
+            // A command being aborted is in an unknown state too: re-issue it
+            // like the others (the count bounds a command that always hangs).
+            if keep && t.reissued < MAX_REISSUE {
+                self.orphans.push_back((t.req, t.reissued + 1));
+            } else {
+                failed += 1;
+                done.push(ScsiResult {
+                    tag: t.req.tag,
+                    result: Err(if t.aborting {
+                        self.timed_out()
+                    } else {
+                        e.clone()
+                    }),
+                });
+            }
         }
-        for r in self.waiting.drain(..) {
-            done.push(ScsiResult {
-                tag: r.tag,
-                result: Err(e.clone()),
-            });
+        for (r, n) in self.waiting.drain(..) {
+            if keep {
+                self.orphans.push_back((r, n));
+            } else {
+                failed += 1;
+                done.push(ScsiResult {
+                    tag: r.tag,
+                    result: Err(e.clone()),
+                });
+            }
         }
+        error!(
+            "iSCSI session to {}: {e}; failing {failed} command(s), keeping {} for a new connection (up to {:?})",
+            self.portal,
+            self.orphans.len(),
+            self.timeouts.replacement_timeout
+        );
         self.failed = Some(e);
+        self.lost_at = Some(Instant::now());
+        self.nop = None;
+        self.tmf = None;
     }
 
     /// Starts waiting commands while the CmdSN window and the task table allow.
@@ -236,14 +663,14 @@ impl Session {
             && serial_le(self.cmd_sn, self.max_cmd_sn)
             && self.tasks.has_room()
         {
-            let Some(req) = self.waiting.pop_front() else {
+            let Some((req, reissued)) = self.waiting.pop_front() else {
                 break;
             };
-            self.send_command(req);
+            self.send_command(req, reissued);
         }
     }
 
-    fn send_command(&mut self, req: ScsiCommandReq) {
+    fn send_command(&mut self, req: ScsiCommandReq, reissued: u8) {
         let cmd_sn = self.cmd_sn;
         self.cmd_sn = self.cmd_sn.wrapping_add(1);
         let len = req.len;
@@ -285,6 +712,9 @@ impl Session {
             exp_data_sn: 0,
             data_out: (immediate + unsolicited_out) as u64,
             exp_r2t_sn: 0,
+            started: Instant::now(),
+            reissued,
+            aborting: false,
         };
         let lun = task.req.lun;
         let buf = task.req.buf.clone();
@@ -438,6 +868,7 @@ impl Session {
             Ok(None) => return Ok(false),
             Err(e) => return Err(self.lost(e)),
         };
+        self.last_rx = Instant::now();
         if let Some(reason) = refused {
             return Err(self.violation(reason));
         }
@@ -448,6 +879,7 @@ impl Session {
             TargetPdu::ScsiResponse(r) => self.on_response(r, &pdu.data, done)?,
             TargetPdu::R2t(r) => self.on_r2t(r)?,
             TargetPdu::NopIn(n) => self.on_nop_in(n, pdu.data)?,
+            TargetPdu::TaskMgmtResponse(r) => self.on_tmf_response(r, done)?,
             TargetPdu::Reject(r) => {
                 self.update_seq(&r.seq, false)?;
                 let itt = pdu
@@ -656,7 +1088,27 @@ impl Session {
     }
 
     fn on_nop_in(&mut self, n: NopIn, data: Vec<u8>) -> Result<(), SessionError> {
-        // A NOP-In that answers our ping carries a StatSN of its own only if the ITT is ours.
+        if n.itt != RESERVED_TAG {
+            // The answer to our ping (RFC 7143 §11.19): it carries a StatSN
+            // of its own. Some targets do not advance it; accept both.
+            match self.nop {
+                Some((itt, _)) if itt == n.itt => self.nop = None,
+                _ => {
+                    return Err(
+                        self.violation(format!("NOP-In answers unknown ping {:#010x}", n.itt))
+                    )
+                }
+            }
+            let status = n.seq.stat_sn == self.exp_stat_sn;
+            if !status && n.seq.stat_sn != self.exp_stat_sn.wrapping_sub(1) {
+                return Err(self.violation(format!(
+                    "StatSN {} out of order (expected {})",
+                    n.seq.stat_sn, self.exp_stat_sn
+                )));
+            }
+            self.update_seq(&n.seq, status)?;
+            return Ok(());
+        }
         self.update_seq(&n.seq, false)?;
         if n.ttt != RESERVED_TAG {
             // The target pings us: answer with its TTT and its data.
@@ -692,6 +1144,14 @@ impl Session {
         let mut done = Vec::new();
         loop {
             self.poll(&mut done);
+            if let Some(e) = self.failed.clone() {
+                self.orphans.retain(|o| o.0.tag != tag);
+                if let Some(i) = done.iter().position(|r| r.tag == tag) {
+                    done.swap_remove(i);
+                }
+                self.ready.extend(done);
+                return Err(e);
+            }
             if let Some(i) = done.iter().position(|r| r.tag == tag) {
                 let r = done.swap_remove(i);
                 self.ready.extend(done);
@@ -727,5 +1187,255 @@ fn opcode_name(p: &TargetPdu) -> &'static str {
         TargetPdu::TaskMgmtResponse(_) => "Task Management Response",
         TargetPdu::Reject(_) => "Reject",
         TargetPdu::AsyncMessage(_) => "Async Message",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::iscsi::pdu::InitiatorPdu;
+    use crate::transport::InPdu;
+    use std::sync::{Arc, Mutex};
+
+    /// What the mock connection saw and what it will deliver.
+    #[derive(Default)]
+    struct Wire {
+        sent: Vec<InitiatorPdu>,
+        inbox: VecDeque<InPdu>,
+        closed: bool,
+    }
+
+    struct Mock(Arc<Mutex<Wire>>);
+
+    impl Transport for Mock {
+        fn addr(&self) -> &str {
+            "mock:3260"
+        }
+        fn fd(&self) -> RawFd {
+            -1
+        }
+        fn set_digests(&mut self, _: bool, _: bool) {}
+        fn set_max_recv_data(&mut self, _: u32) {}
+        fn queue(&mut self, pdu: OutPdu) {
+            let d = InitiatorPdu::decode(&pdu.bhs).expect("session sent a valid PDU");
+            self.0.lock().unwrap().sent.push(d);
+        }
+        fn flush(&mut self) -> Result<bool, TransportError> {
+            Ok(true)
+        }
+        fn has_pending_output(&self) -> bool {
+            false
+        }
+        fn recv(
+            &mut self,
+            _plan: &mut dyn FnMut(&[u8; BHS_LEN]) -> RecvPlan,
+        ) -> Result<Option<InPdu>, TransportError> {
+            let mut w = self.0.lock().unwrap();
+            if w.closed {
+                return Err(TransportError::Closed {
+                    addr: "mock:3260".into(),
+                });
+            }
+            Ok(w.inbox.pop_front())
+        }
+    }
+
+    fn session(t: SessionTimeouts) -> (Session, Arc<Mutex<Wire>>) {
+        let wire = Arc::new(Mutex::new(Wire::default()));
+        let mut s = Session::new(
+            Box::new(Mock(wire.clone())),
+            SessionParams::default(),
+            SessionStart {
+                cmd_sn: 1,
+                exp_stat_sn: 100,
+                max_cmd_sn: 64,
+            },
+        );
+        s.set_timeouts(t);
+        (s, wire)
+    }
+
+    fn tur(tag: u64) -> ScsiCommandReq {
+        ScsiCommandReq {
+            lun: 0,
+            cdb: [0; 16],
+            cdb_len: 6,
+            dir: DataDir::None,
+            buf: None,
+            offset: 0,
+            len: 0,
+            tag,
+        }
+    }
+
+    fn commands(w: &Arc<Mutex<Wire>>) -> Vec<(u32, u32)> {
+        w.lock()
+            .unwrap()
+            .sent
+            .iter()
+            .filter_map(|p| match p {
+                InitiatorPdu::ScsiCommand(c) => Some((c.itt, c.cmd_sn)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn fast() -> SessionTimeouts {
+        SessionTimeouts {
+            nop_interval: Duration::from_secs(1),
+            nop_timeout: Duration::from_secs(1),
+            command_timeout: Duration::from_secs(3),
+            tmf_timeout: Duration::from_secs(1),
+            replacement_timeout: Duration::from_secs(10),
+        }
+    }
+
+    #[test]
+    fn idle_ping_then_drop_when_unanswered() {
+        let (mut s, w) = session(fast());
+        let t0 = Instant::now();
+        s.on_timer(t0);
+        assert!(
+            w.lock().unwrap().sent.is_empty(),
+            "no ping before the interval"
+        );
+        s.on_timer(t0 + Duration::from_millis(1100));
+        let itt = match w.lock().unwrap().sent.last() {
+            Some(InitiatorPdu::NopOut(n)) => {
+                assert!(n.immediate);
+                assert_eq!(n.ttt, RESERVED_TAG);
+                n.itt
+            }
+            other => panic!("expected a NOP-Out, got {other:?}"),
+        };
+        assert_eq!(itt & 0xffff, NOP_ITT_INDEX);
+        s.on_timer(t0 + Duration::from_millis(2200));
+        let e = s.failure().expect("unanswered ping drops the connection");
+        assert!(e.to_string().contains("NOP-Out"), "{e}");
+    }
+
+    #[test]
+    fn lost_connection_keeps_commands_and_reissues_them_in_order() {
+        let (mut s, w) = session(fast());
+        for tag in 1..=3 {
+            s.submit(tur(tag));
+        }
+        let mut done = Vec::new();
+        s.poll(&mut done);
+        assert_eq!(commands(&w).len(), 3);
+        w.lock().unwrap().closed = true;
+        s.poll(&mut done);
+        assert!(done.is_empty(), "nothing fails at once: {done:?}");
+        assert!(s.failure().is_some());
+        s.submit(tur(4)); // arrives during the outage
+        s.poll(&mut done);
+        assert!(done.is_empty());
+        assert_eq!(s.in_flight(), 4);
+
+        let (mut s2, w2) = session(fast());
+        s2.adopt(s.take_orphans());
+        s2.poll(&mut done);
+        let sent = commands(&w2);
+        assert_eq!(sent.len(), 4);
+        let sns: Vec<u32> = sent.iter().map(|c| c.1).collect();
+        assert_eq!(sns, vec![1, 2, 3, 4], "re-issued in order");
+        assert_eq!(s.in_flight(), 0);
+    }
+
+    #[test]
+    fn replacement_timeout_fails_kept_commands() {
+        let (mut s, w) = session(fast());
+        s.submit(tur(7));
+        let mut done = Vec::new();
+        s.poll(&mut done);
+        w.lock().unwrap().closed = true;
+        s.poll(&mut done);
+        assert!(done.is_empty());
+        s.on_timer(Instant::now() + Duration::from_secs(11));
+        s.poll(&mut done);
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].tag, 7);
+        let e = done[0].result.as_ref().unwrap_err().to_string();
+        assert!(e.contains("replacement timeout"), "{e}");
+        // After the timeout, new commands fail at once.
+        s.submit(tur(8));
+        s.poll(&mut done);
+        assert_eq!(done.len(), 2);
+    }
+
+    #[test]
+    fn late_command_is_aborted_then_lun_reset_then_dropped() {
+        let (mut s, w) = session(SessionTimeouts {
+            nop_interval: Duration::from_secs(3600),
+            ..fast()
+        });
+        s.submit(tur(1));
+        let mut done = Vec::new();
+        s.poll(&mut done);
+        let (itt, cmd_sn) = commands(&w)[0];
+        let t0 = Instant::now();
+        s.on_timer(t0 + Duration::from_secs(4));
+        let tmf = |w: &Arc<Mutex<Wire>>| match w.lock().unwrap().sent.last() {
+            Some(InitiatorPdu::TaskMgmtRequest(t)) => t.clone(),
+            other => panic!("expected a TMF, got {other:?}"),
+        };
+        let abort = tmf(&w);
+        assert_eq!(abort.function, TmfFunction::AbortTask);
+        assert_eq!(abort.referenced_task_tag, itt);
+        assert_eq!(abort.ref_cmd_sn, cmd_sn);
+        assert_eq!(abort.itt & 0xffff, TMF_ITT_INDEX);
+        s.on_timer(t0 + Duration::from_secs(6));
+        assert_eq!(tmf(&w).function, TmfFunction::LogicalUnitReset);
+        assert!(s.failure().is_none());
+        s.on_timer(t0 + Duration::from_secs(8));
+        let e = s
+            .failure()
+            .expect("unanswered LUN RESET drops the connection");
+        assert!(e.to_string().contains("LogicalUnitReset"), "{e}");
+    }
+
+    #[test]
+    fn abort_answered_fails_only_that_command() {
+        let (mut s, w) = session(SessionTimeouts {
+            nop_interval: Duration::from_secs(3600),
+            ..fast()
+        });
+        s.submit(tur(1));
+        let mut done = Vec::new();
+        s.poll(&mut done);
+        s.on_timer(Instant::now() + Duration::from_secs(4));
+        let abort = match w.lock().unwrap().sent.last() {
+            Some(InitiatorPdu::TaskMgmtRequest(t)) => t.clone(),
+            other => panic!("expected ABORT TASK, got {other:?}"),
+        };
+        let rsp = TaskMgmtResponse {
+            response: TmfResponse::Complete,
+            itt: abort.itt,
+            seq: SeqNums {
+                stat_sn: 100,
+                exp_cmd_sn: 2,
+                max_cmd_sn: 64,
+            },
+        };
+        w.lock().unwrap().inbox.push_back(InPdu {
+            bhs: rsp.encode(),
+            data: Vec::new(),
+        });
+        s.poll(&mut done);
+        assert_eq!(done.len(), 1);
+        assert!(matches!(done[0].result, Err(SessionError::Timeout { .. })));
+        assert!(s.failure().is_none(), "the session survives");
+    }
+
+    #[test]
+    fn timeouts_parse() {
+        let t = SessionTimeouts::parse("nop=2, command=0.5,replacement=60").unwrap();
+        assert_eq!(t.nop_interval, Duration::from_secs(2));
+        assert_eq!(t.command_timeout, Duration::from_millis(500));
+        assert_eq!(t.replacement_timeout, Duration::from_secs(60));
+        assert_eq!(t.nop_timeout, SessionTimeouts::default().nop_timeout);
+        assert!(SessionTimeouts::parse("nop=-1").is_err());
+        assert!(SessionTimeouts::parse("bogus=1").is_err());
+        assert!(SessionTimeouts::parse("nop").is_err());
     }
 }

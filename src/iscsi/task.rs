@@ -70,6 +70,12 @@ pub struct Task {
     pub data_out: u64,
     /// R2Ts answered so far (R2TSN check).
     pub exp_r2t_sn: u32,
+    /// When the command went out (per-command deadline).
+    pub started: std::time::Instant,
+    /// How many times it was re-issued after a lost connection.
+    pub reissued: u8,
+    /// ABORT TASK (or LUN RESET) sent for it after its deadline passed.
+    pub aborting: bool,
 }
 
 /// Slots of tasks in flight.
@@ -82,6 +88,11 @@ pub struct TaskTable {
 
 /// Largest number of tasks in flight on one session.
 pub const MAX_TASKS: usize = 4096;
+
+/// ITT index (low 16 bits) of the session's NOP-Out pings; never a task slot.
+pub const NOP_ITT_INDEX: u32 = 0xf000;
+/// ITT index (low 16 bits) of the session's task management requests.
+pub const TMF_ITT_INDEX: u32 = 0xf001;
 
 impl TaskTable {
     /// Number of tasks in flight.
@@ -114,7 +125,8 @@ impl TaskTable {
         let slot = &mut self.slots[idx];
         slot.0 = slot.0.wrapping_add(1);
         // ITT 0xffffffff is reserved: generation 0xffff with index 0xffff never occurs
-        // because MAX_TASKS < 0xffff.
+        // because MAX_TASKS < 0xffff. Indexes from SPECIAL_ITT_INDEX up are the
+        // session's own (NOP-Out pings, task management).
         let itt = (slot.0 as u32) << 16 | idx as u32;
         task.itt = itt;
         slot.1 = Some(task);
@@ -144,6 +156,11 @@ impl TaskTable {
         self.free.push(i as u16);
         self.live -= 1;
         t
+    }
+
+    /// Every task in flight (any order).
+    pub fn iter(&self) -> impl Iterator<Item = &Task> {
+        self.slots.iter().filter_map(|s| s.1.as_ref())
     }
 
     /// Removes every task (connection lost), in CmdSN order.
@@ -185,6 +202,9 @@ mod tests {
             exp_data_sn: 0,
             data_out: 0,
             exp_r2t_sn: 0,
+            started: std::time::Instant::now(),
+            reissued: 0,
+            aborting: false,
         }
     }
 

@@ -8,7 +8,8 @@
 //! Data never leaves guest memory: the commands point at the request's own
 //! buffers.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,7 +25,7 @@ use crate::blk::target::{
     BlockOp, BlockRequest, BlockStatus, Completion, DeviceInfo, QueueTarget, RangeOpLimits, Target,
     TargetError,
 };
-use crate::iscsi::session::{ScsiOutcome, ScsiResult, Session, SessionError};
+use crate::iscsi::session::{ScsiOutcome, ScsiResult, Session, SessionError, SessionTimeouts};
 use crate::iscsi::task::{DataDir, ScsiCommandReq};
 
 /// Opens iSCSI sessions to the LUN's target, one per queue (and again after a
@@ -50,8 +51,55 @@ pub trait SessionFactory: Send + Sync {
 const MAX_RETRIES: u32 = 5;
 /// Start-up probe command timeout.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Least time between two reconnect attempts of one queue.
-const RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
+/// Least time between two reconnect attempts of one queue (doubles up to
+/// [`RECONNECT_MAX_INTERVAL`]).
+const RECONNECT_INTERVAL: Duration = Duration::from_millis(250);
+/// Longest time between two reconnect attempts.
+const RECONNECT_MAX_INTERVAL: Duration = Duration::from_secs(1);
+/// Period of the queue's timer (pings, deadlines, reconnects, delayed retries).
+const TICK: Duration = Duration::from_millis(100);
+/// Retries of BUSY / TASK SET FULL / NOT READY / ABORTED COMMAND wait this
+/// long, doubled per retry, capped at [`RETRY_MAX_DELAY`].
+const RETRY_BASE_DELAY: Duration = Duration::from_millis(50);
+/// Longest wait before a retry.
+const RETRY_MAX_DELAY: Duration = Duration::from_secs(2);
+/// Environment variable that overrides the session timers, e.g.
+/// `nop=5,nop_timeout=5,command=30,tmf=10,replacement=30` (seconds).
+pub const TIMEOUTS_ENV: &str = "VHOST_ISER_TIMEOUTS";
+
+/// Capacity changes seen by the queues (unit attention 2A/09 followed by a
+/// new READ CAPACITY(16)). The backend polls [`CapacityWatch::take`] and
+/// raises a virtio config-change interrupt.
+#[derive(Default, Debug)]
+pub struct CapacityWatch {
+    changed: AtomicBool,
+    sectors: AtomicU64,
+}
+
+impl CapacityWatch {
+    /// The new capacity in 512-byte sectors, once per change.
+    pub fn take(&self) -> Option<u64> {
+        self.changed
+            .swap(false, Ordering::AcqRel)
+            .then(|| self.sectors.load(Ordering::Acquire))
+    }
+
+    fn set(&self, sectors: u64) {
+        self.sectors.store(sectors, Ordering::Release);
+        self.changed.store(true, Ordering::Release);
+    }
+}
+
+/// The session timers: defaults, or [`TIMEOUTS_ENV`].
+pub fn session_timeouts() -> Result<SessionTimeouts, TargetError> {
+    match std::env::var(TIMEOUTS_ENV) {
+        Ok(spec) => SessionTimeouts::parse(&spec).map_err(|reason| TargetError::BadTarget {
+            target: format!("{TIMEOUTS_ENV}={spec}"),
+            reason,
+        }),
+        Err(_) => Ok(SessionTimeouts::default()),
+    }
+}
 
 /// A remote LUN as a block [`Target`].
 pub struct ScsiLun {
@@ -59,12 +107,16 @@ pub struct ScsiLun {
     info: Arc<LunInfo>,
     /// Queue 0's session, opened by the probe and handed over at open_queue(0).
     first: Mutex<Option<Session>>,
+    timeouts: SessionTimeouts,
+    capacity: Arc<CapacityWatch>,
 }
 
 impl ScsiLun {
     /// Logs in, probes the LUN and keeps the session for queue 0.
     pub fn open(factory: Arc<dyn SessionFactory>) -> Result<Self, TargetError> {
+        let timeouts = session_timeouts()?;
         let mut session = factory.open(0)?;
+        session.set_timeouts(timeouts);
         let lun = factory.lun();
         let mut prober = LunProber::new();
         let mut tag = 0u64;
@@ -148,7 +200,14 @@ impl ScsiLun {
             factory,
             info: Arc::new(info),
             first: Mutex::new(Some(session)),
+            timeouts,
+            capacity: Arc::new(CapacityWatch::default()),
         })
+    }
+
+    /// Capacity changes reported by the LUN (for a config-change interrupt).
+    pub fn capacity_watch(&self) -> Arc<CapacityWatch> {
+        self.capacity.clone()
     }
 
     /// What the probe found.
@@ -209,15 +268,17 @@ impl Target for ScsiLun {
         } else {
             None
         };
-        let session = match first {
+        let mut session = match first {
             Some(s) => s,
             None => self.factory.open(index)?,
         };
+        session.set_timeouts(self.timeouts);
         Ok(Box::new(LunQueue::new(
             index,
             session,
             self.factory.clone(),
             self.info.clone(),
+            self.capacity.clone(),
         )?))
     }
 
@@ -253,7 +314,62 @@ pub struct LunQueue {
     watched_fd: RawFd,
     watching_out: bool,
     last_reconnect: Option<Instant>,
+    /// A login in progress on a helper thread.
+    login: Option<std::sync::mpsc::Receiver<Result<Session, TargetError>>>,
+    /// Current wait between reconnect attempts.
+    reconnect_backoff: Duration,
     zero_block: Arc<IoBuffers>,
+    timer: OwnedFd,
+    /// Retries waiting for their time: (when, parent, command, retries).
+    delayed: Vec<(Instant, usize, ScsiCommandReq, u32)>,
+    capacity: Arc<CapacityWatch>,
+    /// A READ CAPACITY(16) after a capacity-change unit attention is in flight.
+    capacity_probe: bool,
+}
+
+/// Parent slot of internal commands (READ CAPACITY after a unit attention).
+const INTERNAL: usize = usize::MAX;
+
+fn periodic_timer(period: Duration) -> std::io::Result<OwnedFd> {
+    // SAFETY: plain syscall; the result is checked before use.
+    let fd = unsafe {
+        libc::timerfd_create(
+            libc::CLOCK_MONOTONIC,
+            libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a new descriptor this function owns.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let ts = libc::timespec {
+        tv_sec: period.as_secs() as libc::time_t,
+        tv_nsec: period.subsec_nanos() as libc::c_long,
+    };
+    let spec = libc::itimerspec {
+        it_interval: ts,
+        it_value: ts,
+    };
+    // SAFETY: valid fd and itimerspec; no old value requested.
+    if unsafe { libc::timerfd_settime(fd, 0, &spec, std::ptr::null_mut()) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(owned)
+}
+
+/// Reads a non-blocking timerfd; true if it expired since the last read.
+fn timer_fired(fd: &OwnedFd) -> bool {
+    let mut n = 0u64;
+    // SAFETY: reads 8 bytes into a u64 on the stack.
+    let r = unsafe {
+        libc::read(
+            fd.as_raw_fd(),
+            &mut n as *mut u64 as *mut libc::c_void,
+            std::mem::size_of::<u64>(),
+        )
+    };
+    r == std::mem::size_of::<u64>() as isize && n > 0
 }
 
 impl LunQueue {
@@ -262,6 +378,7 @@ impl LunQueue {
         session: Session,
         factory: Arc<dyn SessionFactory>,
         info: Arc<LunInfo>,
+        capacity: Arc<CapacityWatch>,
     ) -> Result<Self, TargetError> {
         let setup = |e: std::io::Error| TargetError::Setup {
             context: format!("queue {index}: cannot create its epoll"),
@@ -271,6 +388,14 @@ impl LunQueue {
         let fd = session.fd();
         epoll
             .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, 0))
+            .map_err(setup)?;
+        let timer = periodic_timer(TICK).map_err(setup)?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                timer.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, 1),
+            )
             .map_err(setup)?;
         let lun = factory.lun();
         let zero_block = Arc::new(IoBuffers::from_vec(vec![0u8; info.block_size as usize]));
@@ -290,7 +415,13 @@ impl LunQueue {
             watched_fd: fd,
             watching_out: false,
             last_reconnect: None,
+            login: None,
+            reconnect_backoff: RECONNECT_INTERVAL,
             zero_block,
+            timer,
+            delayed: Vec::new(),
+            capacity,
+            capacity_probe: false,
         })
     }
 
@@ -506,6 +637,10 @@ impl LunQueue {
             }) => {
                 let st = ScsiStatus::from_u8(status);
                 let parsed = SenseData::parse(&sense).ok();
+                if parent == INTERNAL {
+                    self.on_capacity(st, &cmd, residual);
+                    return;
+                }
                 match classify(st, parsed.as_ref()) {
                     SenseAction::Success if residual == 0 => BlockStatus::Ok,
                     SenseAction::Success => {
@@ -518,14 +653,13 @@ impl LunQueue {
                         );
                         BlockStatus::IoError
                     }
-                    SenseAction::Retry | SenseAction::RetryAfterUnitAttention(_)
-                        if retries < MAX_RETRIES =>
-                    {
-                        if let Some(SenseAction::RetryAfterUnitAttention(
-                            UnitAttention::CapacityChanged,
-                        )) = parsed.as_ref().map(|s| s.action())
-                        {
-                            warn!("queue {}: the LUN's capacity changed; the guest keeps the old size", self.index);
+                    SenseAction::RetryAfterUnitAttention(ua) if retries < MAX_RETRIES => {
+                        if ua == UnitAttention::CapacityChanged {
+                            warn!(
+                                "queue {}: the LUN's capacity changed; re-reading it",
+                                self.index
+                            );
+                            self.reread_capacity();
                         }
                         info!(
                             "queue {}: retrying {} after {}{}",
@@ -536,6 +670,32 @@ impl LunQueue {
                         );
                         self.send_child(parent, cmd, retries + 1);
                         return;
+                    }
+                    SenseAction::Retry if retries < MAX_RETRIES => {
+                        // BUSY, TASK SET FULL, NOT READY (becoming ready),
+                        // ABORTED COMMAND: give the target time.
+                        let delay = RETRY_BASE_DELAY
+                            .saturating_mul(1 << retries.min(16))
+                            .min(RETRY_MAX_DELAY);
+                        info!(
+                            "queue {}: retrying {} in {delay:?} after {}{}",
+                            self.index,
+                            cdb::opcode_name(cmd.cdb[0]),
+                            st.name(),
+                            parsed.map(|s| format!(": {s}")).unwrap_or_default()
+                        );
+                        self.delayed
+                            .push((Instant::now() + delay, parent, cmd, retries + 1));
+                        return;
+                    }
+                    SenseAction::Fail(super::sense::IoFailure::ReservationConflict) => {
+                        error!(
+                            "queue {}: {} failed with RESERVATION CONFLICT: another initiator holds a SCSI reservation on {}",
+                            self.index,
+                            cdb::opcode_name(cmd.cdb[0]),
+                            self.factory.describe()
+                        );
+                        BlockStatus::IoError
                     }
                     SenseAction::Unsupported => {
                         warn!(
@@ -564,6 +724,10 @@ impl LunQueue {
                     self.index,
                     cdb::opcode_name(cmd.cdb[0])
                 );
+                if parent == INTERNAL {
+                    self.capacity_probe = false;
+                    return;
+                }
                 BlockStatus::IoError
             }
         };
@@ -579,20 +743,125 @@ impl LunQueue {
         }
     }
 
-    /// After a lost connection: log in again (at most once a second).
+    /// Sends READ CAPACITY(16) (once at a time) after a capacity change.
+    fn reread_capacity(&mut self) {
+        if self.capacity_probe {
+            return;
+        }
+        self.capacity_probe = true;
+        let buf = Arc::new(IoBuffers::from_vec(vec![0u8; 32]));
+        let cmd = self.command(cdb::read_capacity16(32), DataDir::Read, Some(buf), 0, 32);
+        self.send_child(INTERNAL, cmd, 0);
+    }
+
+    fn on_capacity(&mut self, st: ScsiStatus, cmd: &ScsiCommandReq, residual: i64) {
+        self.capacity_probe = false;
+        if st != ScsiStatus::Good {
+            warn!(
+                "queue {}: READ CAPACITY(16) after a capacity change failed with {}",
+                self.index,
+                st.name()
+            );
+            return;
+        }
+        let n = (32 - residual.clamp(0, 32)) as usize;
+        let mut data = vec![0u8; n];
+        if let Some(b) = &cmd.buf {
+            b.read_at(0, &mut data);
+        }
+        match super::capacity::ReadCapacity16::parse(&data) {
+            Ok(c) if c.block_len == self.info.block_size => {
+                let sectors = c
+                    .last_lba
+                    .saturating_add(1)
+                    .saturating_mul(c.block_len as u64)
+                    / 512;
+                info!(
+                    "queue {}: {} now has {sectors} sectors (was {})",
+                    self.index,
+                    self.factory.describe(),
+                    self.info.capacity_sectors
+                );
+                self.capacity.set(sectors);
+            }
+            Ok(c) => error!(
+                "queue {}: the LUN's block size changed from {} to {}; keeping the old geometry",
+                self.index, self.info.block_size, c.block_len
+            ),
+            Err(e) => warn!("queue {}: bad READ CAPACITY(16) data: {e}", self.index),
+        }
+    }
+
+    /// Timer tick: session liveness, reconnects, delayed retries.
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        self.session.on_timer(now);
+        self.maybe_reconnect();
+        if !self.delayed.is_empty() {
+            let mut due = Vec::new();
+            self.delayed.retain(|d| {
+                if d.0 <= now {
+                    due.push((d.1, d.2.clone(), d.3));
+                    false
+                } else {
+                    true
+                }
+            });
+            for (parent, cmd, retries) in due {
+                self.send_child(parent, cmd, retries);
+            }
+        }
+    }
+
+    /// After a lost connection: log in again, with backoff, and hand the
+    /// lost session's unfinished commands to the new one.
     fn maybe_reconnect(&mut self) {
         if self.session.failure().is_none() {
             return;
         }
-        if self
-            .last_reconnect
-            .is_some_and(|t| t.elapsed() < RECONNECT_INTERVAL)
-        {
-            return;
-        }
-        self.last_reconnect = Some(Instant::now());
-        match self.factory.open(self.index) {
-            Ok(s) => {
+        let attempt = match &self.login {
+            Some(rx) => match rx.try_recv() {
+                Ok(r) => {
+                    self.login = None;
+                    r
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => return,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    self.login = None;
+                    return;
+                }
+            },
+            None => {
+                if self
+                    .last_reconnect
+                    .is_some_and(|t| t.elapsed() < self.reconnect_backoff)
+                {
+                    return;
+                }
+                self.last_reconnect = Some(Instant::now());
+                // Log in on a helper thread: a login can take up to the login
+                // timeout, and the queue must keep running its timers meanwhile.
+                let (tx, rx) = std::sync::mpsc::channel();
+                let (factory, index) = (self.factory.clone(), self.index);
+                let spawned = std::thread::Builder::new()
+                    .name(format!("login-q{index}"))
+                    .spawn(move || {
+                        let _ = tx.send(factory.open(index));
+                    });
+                match spawned {
+                    Ok(_) => self.login = Some(rx),
+                    Err(e) => warn!("queue {}: cannot start a login thread: {e}", self.index),
+                }
+                return;
+            }
+        };
+        match attempt {
+            Ok(mut s) => {
+                s.set_timeouts(self.session.timeouts());
+                // Failures the old session already decided, then its survivors.
+                self.session.poll(&mut self.results);
+                s.adopt(self.session.take_orphans());
+                self.reconnect_backoff = RECONNECT_INTERVAL;
                 if self.watched_fd >= 0 {
                     let _ = self.epoll.ctl(
                         ControlOperation::Delete,
@@ -621,10 +890,12 @@ impl LunQueue {
                 crate::metrics::RECONNECT_FAILURES
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 warn!(
-                    "queue {}: reconnect to {} failed: {e}",
+                    "queue {}: reconnect to {} failed (next try in {:?}): {e}",
                     self.index,
-                    self.factory.describe()
-                )
+                    self.factory.describe(),
+                    self.reconnect_backoff
+                );
+                self.reconnect_backoff = (self.reconnect_backoff * 2).min(RECONNECT_MAX_INTERVAL);
             }
         }
     }
@@ -680,6 +951,9 @@ impl QueueTarget for LunQueue {
     }
 
     fn poll(&mut self, done: &mut Vec<Completion>) {
+        if timer_fired(&self.timer) {
+            self.on_tick();
+        }
         let mut results = std::mem::take(&mut self.results);
         self.session.poll(&mut results);
         for r in results.drain(..) {

@@ -7,6 +7,7 @@
 //! Missing host tools are a test failure with the fix in the message, never a silent skip.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod fake_target;
 pub mod qsd;
 pub mod tgtd;
 pub mod vm;

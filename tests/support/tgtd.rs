@@ -49,6 +49,8 @@ pub struct Tgtd {
     targets: Vec<(u32, String)>,
     accounts: HashSet<String>,
     backing_files: Vec<PathBuf>,
+    /// Every configuring tgtadm command, replayed by [`Tgtd::restart`].
+    history: std::sync::Mutex<Vec<Vec<String>>>,
 }
 
 /// Unique-per-process counter mixed into port choice and file names.
@@ -76,12 +78,35 @@ impl Tgtd {
     fn try_start(tgtd: &Path, tgtadm: &Path, port: u16) -> Result<Tgtd, String> {
         let dir = super::unique_tmp_dir();
         let log = dir.path().join("tgtd.log");
-        let logf = fs::File::create(&log).map_err(|e| format!("create {}: {e}", log.display()))?;
-        let logf2 = logf.try_clone().map_err(|e| e.to_string())?;
         // The control port (tgtd accepts 0..=32767) only has to be unique among live
         // tgtds; derive it from the unique TCP port. A clash makes tgtd exit ("another
         // tgtd is using ...lock") and start() retries with another port.
         let control_port = 1000 + port % 31000;
+        let child = Self::spawn(tgtd, port, control_port, &log)?;
+        let mut t = Tgtd {
+            child,
+            port,
+            control_port,
+            tgtadm: tgtadm.to_path_buf(),
+            log,
+            _dir: dir,
+            targets: Vec::new(),
+            accounts: HashSet::new(),
+            backing_files: Vec::new(),
+            history: Default::default(),
+        };
+        // on the Err returns below `t` is dropped: tgtd killed, files removed
+        t.wait_listening()?;
+        Ok(t)
+    }
+
+    fn spawn(tgtd: &Path, port: u16, control_port: u16, log: &Path) -> Result<Child, String> {
+        let logf = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|e| format!("create {}: {e}", log.display()))?;
+        let logf2 = logf.try_clone().map_err(|e| e.to_string())?;
         let mut cmd = Command::new(tgtd);
         cmd.args(["-f", "-C", &control_port.to_string(), "--iscsi"])
             .arg(format!("portal=127.0.0.1:{port}"))
@@ -97,21 +122,56 @@ impl Tgtd {
                 Ok(())
             });
         }
-        let child = cmd
-            .spawn()
-            .map_err(|e| format!("spawn {}: {e}", tgtd.display()))?;
-        let mut t = Tgtd {
-            child,
-            port,
-            control_port,
-            tgtadm: tgtadm.to_path_buf(),
-            log,
-            _dir: dir,
-            targets: Vec::new(),
-            accounts: HashSet::new(),
-            backing_files: Vec::new(),
-        };
-        // on the Err returns below `t` is dropped: tgtd killed, files removed
+        cmd.spawn()
+            .map_err(|e| format!("spawn {}: {e}", tgtd.display()))
+    }
+
+    /// Kills tgtd with SIGKILL, as a crash would; its port, backing files and
+    /// configuration record stay for [`Tgtd::restart`].
+    pub fn kill9(&mut self) {
+        let pid = self.child.id() as libc::pid_t;
+        // SAFETY: plain syscall on tgtd's own process group (see Drop).
+        unsafe {
+            libc::kill(-pid, libc::SIGKILL);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let sock = format!("/var/run/tgtd/socket.{}", self.control_port);
+        let _ = fs::remove_file(format!("{sock}.lock"));
+        let _ = fs::remove_file(sock);
+    }
+
+    /// Starts tgtd again (after [`Tgtd::kill9`], or kills it first) on the same
+    /// port and replays the tgtadm commands that configured it.
+    pub fn restart(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.kill9();
+        }
+        let tgtd = super::require_tool("tgtd", "tgt");
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            self.child = Self::spawn(&tgtd, self.port, self.control_port, &self.log)
+                .unwrap_or_else(|e| panic!("{e}"));
+            match self.wait_listening() {
+                Ok(()) => break,
+                Err(e) if Instant::now() >= deadline => panic!("tgtd restart failed: {e}"),
+                Err(_) => {
+                    self.kill9();
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+        let history = self.history.lock().unwrap().clone();
+        for cmd in history {
+            let args: Vec<&str> = cmd.iter().map(String::as_str).collect();
+            self.tgtadm(&args)
+                .unwrap_or_else(|e| panic!("replaying tgtadm after restart: {e}"));
+        }
+    }
+
+    fn wait_listening(&mut self) -> Result<(), String> {
+        let t = self;
+        let port = t.port;
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Ok(Some(st)) = t.child.try_wait() {
@@ -124,7 +184,7 @@ impl Tgtd {
                 return Err(format!("port {port} taken:\n{}", t.log_text()));
             }
             if listens(t.child.id(), port) && t.tgtadm(&["--mode", "sys", "--op", "show"]).is_ok() {
-                return Ok(t);
+                return Ok(());
             }
             if Instant::now() >= deadline {
                 return Err(format!(
@@ -370,7 +430,11 @@ impl Tgtd {
     }
 
     fn must(&self, args: &[&str]) -> String {
-        self.tgtadm(args).unwrap_or_else(|e| panic!("{e}"))
+        let out = self.tgtadm(args).unwrap_or_else(|e| panic!("{e}"));
+        if let Ok(mut h) = self.history.lock() {
+            h.push(args.iter().map(|a| a.to_string()).collect());
+        }
+        out
     }
 }
 

@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Soak test: vhost-iser over iSCSI/TCP to a private tgtd on 127.0.0.1, a
+# libblkio client (bench/loadgen) doing verified random read/write in rounds,
+# and tgtd killed (SIGKILL) and restarted on the same port every
+# --kill-every seconds. Bounded: stops after --duration seconds (default 600).
+#
+# Reports: I/Os, errors, verify mismatches, recoveries (reconnects logged by
+# vhost-iser) and vhost-iser's RSS at start and end (a leak shows as growth).
+#
+#   bench/soak.sh [--duration 600] [--round 20] [--kill-every 60] [--queues 2] [--iodepth 16]
+#
+# Exit status: 0 when every round verified and the I/O errors stayed within
+# the outages; 1 otherwise. Needs tgt (tgtd, tgtadm), run as root.
+set -euo pipefail
+
+DURATION=600 ROUND=20 KILL_EVERY=60 QUEUES=2 IODEPTH=16 SIZE=$((256 << 20))
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --duration) DURATION=$2; shift 2 ;;
+    --round) ROUND=$2; shift 2 ;;
+    --kill-every) KILL_EVERY=$2; shift 2 ;;
+    --queues) QUEUES=$2; shift 2 ;;
+    --iodepth) IODEPTH=$2; shift 2 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+command -v tgtd >/dev/null || { echo "tgtd not found (Debian package tgt): scripts/install-deps.sh" >&2; exit 2; }
+cargo build --release --quiet
+cargo build --release --quiet --manifest-path bench/loadgen/Cargo.toml
+VHOST=$ROOT/target/release/vhost-iser
+LOADGEN=
+for c in "$ROOT"/bench/loadgen/target/release/vhost-iser-loadgen "$ROOT"/target/release/vhost-iser-loadgen; do
+  if [ -x "$c" ]; then LOADGEN=$c; break; fi
+done
+[ -n "$LOADGEN" ] || { echo "vhost-iser-loadgen not built" >&2; exit 2; }
+
+WORK=$(mktemp -d /tmp/vhost-iser-soak.XXXXXX)
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+CTL=$((1000 + PORT % 31000))
+IQN=iqn.2026-11.vhost-iser.soak:disk
+IMG=/dev/shm/vhost-iser-soak-$$.img
+TGTD_PID= VHOST_PID=
+mkdir -p /var/run/tgtd
+
+cleanup() {
+  [ -n "$VHOST_PID" ] && kill "$VHOST_PID" 2>/dev/null || true
+  [ -n "$TGTD_PID" ] && kill -9 "$TGTD_PID" 2>/dev/null || true
+  rm -f "$IMG" "/var/run/tgtd/socket.$CTL" "/var/run/tgtd/socket.$CTL.lock"
+  echo "logs kept in $WORK"
+}
+trap cleanup EXIT
+
+start_tgtd() {
+  rm -f "/var/run/tgtd/socket.$CTL" "/var/run/tgtd/socket.$CTL.lock"
+  tgtd -f -C "$CTL" --iscsi "portal=127.0.0.1:$PORT" >>"$WORK/tgtd.log" 2>&1 &
+  TGTD_PID=$!
+  for _ in $(seq 100); do
+    tgtadm -C "$CTL" --lld iscsi --mode sys --op show >/dev/null 2>&1 && break
+    sleep 0.05
+  done
+  tgtadm -C "$CTL" --lld iscsi --mode target --op new --tid 1 -T "$IQN"
+  tgtadm -C "$CTL" --lld iscsi --mode logicalunit --op new --tid 1 --lun 1 --bstype rdwr --backing-store "$IMG"
+  tgtadm -C "$CTL" --lld iscsi --mode target --op bind --tid 1 -I ALL
+}
+
+rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+
+truncate -s "$SIZE" "$IMG"
+start_tgtd
+VHOST_ISER_TIMEOUTS="nop=2,nop_timeout=3,command=20,replacement=30" \
+  "$VHOST" --socket "$WORK/vhost.sock" --target "iscsi://127.0.0.1:$PORT/$IQN/1" \
+  --queues "$QUEUES" >"$WORK/vhost-iser.log" 2>&1 &
+VHOST_PID=$!
+for _ in $(seq 200); do [ -S "$WORK/vhost.sock" ] && break; sleep 0.05; done
+[ -S "$WORK/vhost.sock" ] || { cat "$WORK/vhost-iser.log"; exit 1; }
+
+RSS_START=$(rss_kib "$VHOST_PID")
+START=$(date +%s)
+NEXT_KILL=$((START + KILL_EVERY))
+ROUNDS=0 IOS=0 ERRORS=0 MISMATCHES=0 KILLS=0 FAILED_ROUNDS=0
+while [ $(( $(date +%s) - START )) -lt "$DURATION" ]; do
+  LEFT=$((DURATION - ($(date +%s) - START)))
+  R=$(( LEFT < ROUND ? LEFT : ROUND ))
+  [ "$R" -ge 2 ] || break
+  # The killer runs beside the round: tgtd down for 3 s in the middle of it.
+  KILLED=0
+  if [ "$(date +%s)" -ge "$NEXT_KILL" ]; then
+    ( sleep $((R / 3)); kill -9 "$TGTD_PID"; sleep 3; echo restart >"$WORK/restart.flag" ) &
+    KILLER=$!
+    KILLED=1
+  fi
+  "$LOADGEN" --socket "$WORK/vhost.sock" --queues "$QUEUES" --iodepth "$IODEPTH" \
+    --rw randrw --bs 4k --size $((64 << 20)) --runtime "$R" --verify --json \
+    >"$WORK/round.json" 2>>"$WORK/loadgen.log" &
+  LG=$!
+  if [ "$KILLED" = 1 ]; then
+    wait "$KILLER"
+    wait "$TGTD_PID" 2>/dev/null || true
+    start_tgtd
+    rm -f "$WORK/restart.flag"
+    KILLS=$((KILLS + 1))
+    NEXT_KILL=$(( $(date +%s) + KILL_EVERY ))
+  fi
+  wait "$LG" || FAILED_ROUNDS=$((FAILED_ROUNDS + 1))
+  read -r ios errs mism < <(python3 -c '
+import json,sys
+r=json.load(open(sys.argv[1]))
+v=r.get("verify") or {}
+print(r["ios"], r["errors"] + v.get("readback_errors",0) + v.get("precondition_errors",0), v.get("mismatches",0))' "$WORK/round.json" 2>/dev/null || echo "0 1 0")
+  ROUNDS=$((ROUNDS + 1)) IOS=$((IOS + ios)) ERRORS=$((ERRORS + errs)) MISMATCHES=$((MISMATCHES + mism))
+  echo "round $ROUNDS: ${R}s, $ios I/Os, $errs errors, $mism mismatches$([ $KILLED = 1 ] && echo ', tgtd killed and restarted')"
+done
+RSS_END=$(rss_kib "$VHOST_PID")
+RECOVERIES=$(grep -c "reconnected to" "$WORK/vhost-iser.log" || true)
+PANICS=$(grep -c "panicked" "$WORK/vhost-iser.log" || true)
+cat <<REPORT
+soak: $(( $(date +%s) - START )) s, $ROUNDS rounds, $IOS I/Os, $ERRORS I/O errors, $MISMATCHES verify mismatches
+tgtd kills: $KILLS, session recoveries (reconnects): $RECOVERIES, panics: $PANICS
+vhost-iser RSS: start ${RSS_START} KiB, end ${RSS_END} KiB
+REPORT
+kill -0 "$VHOST_PID" 2>/dev/null || { echo "vhost-iser died"; exit 1; }
+[ "$MISMATCHES" = 0 ] && [ "$ERRORS" = 0 ] && [ "$PANICS" = 0 ] && [ "$FAILED_ROUNDS" = 0 ] || exit 1
