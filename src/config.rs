@@ -15,6 +15,7 @@ use thiserror::Error;
 use toml::Spanned;
 
 use crate::iscsi::params::{DigestKind, ParamOffer};
+use crate::iscsi::session::SessionTimeouts;
 use crate::metrics::MetricsAddr;
 use crate::open::OpenOptions;
 use crate::vhost::backend::DeviceOptions;
@@ -58,7 +59,7 @@ const CONFIG_HELP: &str = "\
 Read options from a TOML file. Keys are the long option names:
 socket, target, queues, queue-size, read-only, serial, log-level, initiator-name,
 portal (an array), chap-user, chap-secret-file, target-chap-user,
-target-chap-secret-file, digests, chap-sha256, metrics.
+target-chap-secret-file, digests, chap-sha256, timeouts, metrics.
 Options on the command line override the file. Relative paths are relative to the
 file's directory. Secrets are refused: name a file holding them (chap-secret-file).
 
@@ -288,6 +289,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "WHICH", help_heading = "Target")]
     pub digests: Option<Digests>,
 
+    /// Session timers in seconds: nop (keepalive interval), nop_timeout, command
+    /// (then ABORT TASK), tmf (then LUN RESET, then drop), replacement (how long
+    /// commands wait for a new session) [default: nop=5,nop_timeout=5,command=30,tmf=10,replacement=20].
+    #[arg(long, value_name = "SPEC", value_parser = parse_timeouts, help_heading = "Target")]
+    pub timeouts: Option<SessionTimeouts>,
+
     /// CHAP user name (or user@ in the URL).
     #[arg(long, value_name = "NAME", help_heading = "Authentication")]
     pub chap_user: Option<String>,
@@ -352,6 +359,8 @@ pub struct Options {
     pub digests: Digests,
     /// Offer CHAP SHA-256 first.
     pub chap_sha256: bool,
+    /// Session timers (None: defaults or $VHOST_ISER_TIMEOUTS).
+    pub timeouts: Option<SessionTimeouts>,
     /// Metrics endpoint.
     pub metrics: Option<MetricsAddr>,
 }
@@ -386,7 +395,7 @@ pub enum ConfigError {
 }
 
 /// Every key the config file accepts.
-pub const KEYS: [&str; 16] = [
+pub const KEYS: [&str; 17] = [
     "socket",
     "target",
     "queues",
@@ -402,6 +411,7 @@ pub const KEYS: [&str; 16] = [
     "target-chap-secret-file",
     "digests",
     "chap-sha256",
+    "timeouts",
     "metrics",
 ];
 
@@ -424,6 +434,7 @@ struct FileConfig {
     target_chap_secret_file: Option<PathBuf>,
     digests: Option<Spanned<String>>,
     chap_sha256: Option<bool>,
+    timeouts: Option<Spanned<String>>,
     metrics: Option<Spanned<String>>,
     // Refused with a message of their own.
     chap_secret: Option<Spanned<toml::Value>>,
@@ -561,6 +572,13 @@ pub fn parse_file(text: &str, path: &Path) -> Result<ServeArgs, ConfigError> {
             })
         })
         .transpose()?;
+    let timeouts = f
+        .timeouts
+        .map(|v| {
+            SessionTimeouts::parse(v.get_ref())
+                .map_err(|e| invalid(at(v.span()), Some("timeouts"), e))
+        })
+        .transpose()?;
     let metrics = f
         .metrics
         .map(|v| {
@@ -588,11 +606,16 @@ pub fn parse_file(text: &str, path: &Path) -> Result<ServeArgs, ConfigError> {
         chap_user: f.chap_user,
         chap_secret_file: f.chap_secret_file.map(rel),
         chap_sha256: f.chap_sha256,
+        timeouts,
         target_chap_user: f.target_chap_user,
         target_chap_secret_file: f.target_chap_secret_file.map(rel),
         log_level,
         metrics,
     })
+}
+
+fn parse_timeouts(s: &str) -> Result<SessionTimeouts, String> {
+    SessionTimeouts::parse(s)
 }
 
 /// Reads and parses a config file.
@@ -626,6 +649,7 @@ impl ServeArgs {
             chap_user: self.chap_user.or(file.chap_user),
             chap_secret_file: self.chap_secret_file.or(file.chap_secret_file),
             chap_sha256: self.chap_sha256.or(file.chap_sha256),
+            timeouts: self.timeouts.or(file.timeouts),
             target_chap_user: self.target_chap_user.or(file.target_chap_user),
             target_chap_secret_file: self
                 .target_chap_secret_file
@@ -666,6 +690,7 @@ impl ServeArgs {
             target_chap_secret_file: self.target_chap_secret_file,
             digests: self.digests.unwrap_or_default(),
             chap_sha256: self.chap_sha256.unwrap_or(false),
+            timeouts: self.timeouts,
             metrics: self.metrics,
         })
     }
@@ -690,6 +715,7 @@ impl Options {
             target_chap_user: self.target_chap_user.clone(),
             target_chap_secret_file: self.target_chap_secret_file.clone(),
             chap_sha256: self.chap_sha256,
+            timeouts: self.timeouts,
             params: Some(ParamOffer {
                 header_digest: want(matches!(self.digests, Digests::Header | Digests::Both)),
                 data_digest: want(matches!(self.digests, Digests::Data | Digests::Both)),
@@ -732,6 +758,7 @@ mod tests {
                 "log-level" => "\"debug\"",
                 "digests" => "\"both\"",
                 "metrics" => "\"127.0.0.1:9\"",
+                "timeouts" => "\"nop=2,replacement=10\"",
                 _ => "\"x\"",
             };
             parse_file(&format!("{k} = {v}\n"), Path::new("/c.toml"))

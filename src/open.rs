@@ -41,6 +41,8 @@ pub struct OpenOptions {
     /// Offer CHAP with SHA-256 (CHAP_A=7) before MD5. Off by default: tgt and
     /// IET read CHAP_A=7 as SHA-1 and the login fails.
     pub chap_sha256: bool,
+    /// Session timers (None: defaults, or `$VHOST_ISER_TIMEOUTS`).
+    pub timeouts: Option<crate::iscsi::session::SessionTimeouts>,
     /// Login timeout.
     pub login_timeout: Option<Duration>,
     /// Operational parameter proposals (tests tune bursts and digests).
@@ -142,7 +144,7 @@ pub fn open_target(spec: &str, opts: &OpenOptions) -> Result<Arc<dyn Target>, Ta
         connector,
         memory: iser,
     });
-    let lun = ScsiLun::open(factory)?;
+    let lun = ScsiLun::open(factory, opts.timeouts)?;
     Ok(Arc::new(ReadOnlyOverride {
         inner: lun,
         read_only: opts.read_only,

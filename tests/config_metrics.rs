@@ -59,6 +59,7 @@ target-chap-user = "store"
 target-chap-secret-file = "/etc/vhost-iser/store.secret"
 digests = "header"
 chap-sha256 = true
+timeouts = "nop=2,command=15,replacement=40"
 metrics = "unix:vm1.metrics"
 "#,
     );
@@ -79,6 +80,10 @@ metrics = "unix:vm1.metrics"
         target_chap_secret_file: Some("/etc/vhost-iser/store.secret".into()),
         digests: Digests::Header,
         chap_sha256: true,
+        timeouts: Some(
+            vhost_iser::iscsi::session::SessionTimeouts::parse("nop=2,command=15,replacement=40")
+                .unwrap(),
+        ),
         metrics: Some(MetricsAddr::Unix(base.join("vm1.metrics"))),
     };
     let cli = |args: &[&str]| {

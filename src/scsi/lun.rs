@@ -113,8 +113,15 @@ pub struct ScsiLun {
 
 impl ScsiLun {
     /// Logs in, probes the LUN and keeps the session for queue 0.
-    pub fn open(factory: Arc<dyn SessionFactory>) -> Result<Self, TargetError> {
-        let timeouts = session_timeouts()?;
+    /// `timeouts`: the session timers (None: defaults, or `$VHOST_ISER_TIMEOUTS`).
+    pub fn open(
+        factory: Arc<dyn SessionFactory>,
+        timeouts: Option<SessionTimeouts>,
+    ) -> Result<Self, TargetError> {
+        let timeouts = match timeouts {
+            Some(t) => t,
+            None => session_timeouts()?,
+        };
         let mut session = factory.open(0)?;
         session.set_timeouts(timeouts);
         let lun = factory.lun();
