@@ -97,7 +97,7 @@ const MAN_SECTIONS: &[(&str, &str)] = &[
   socket, target, queues, queue-size, read-only, serial, log-level,
   initiator-name, portal (an array of \"host:port\"), chap-user,
   chap-secret-file, target-chap-user, target-chap-secret-file, digests,
-  chap-sha256, metrics.
+  chap-sha256, timeouts, metrics.
 Options on the command line override the file (--portal replaces the
 file's list; --read-only=false undoes read-only = true). Relative paths are
 relative to the file's directory. An unknown key, a value of the wrong type
