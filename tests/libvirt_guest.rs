@@ -313,7 +313,11 @@ fn domain_xml(
              <cmdline>console=ttyS0 panic=-1 quiet loglevel=1 mitigations=off vi_token={token}</cmdline>"
         ),
     );
-    let xml = subst(xml, "<vcpu placement='static'>2</vcpu>", "<vcpu placement='static'>1</vcpu>");
+    let xml = subst(
+        xml,
+        "<vcpu placement='static'>2</vcpu>",
+        "<vcpu placement='static'>1</vcpu>",
+    );
     let xml = subst(xml, "<cpu mode='host-passthrough'/>", "");
     let xml = subst(
         xml,
@@ -458,6 +462,27 @@ fn libvirt_guest_reads_and_writes_its_vhost_iser_disk() {
         panic!("{}", diag(&format!("virsh start failed: {e}")));
     }
     eprintln!("libvirt test: domain {name} started");
+    // QEMU must run unprivileged (Debian: libvirt-qemu): the socket's group
+    // kvm + mode 0770 is what lets it connect, not root
+    let pidfile = format!("/run/libvirt/qemu/{name}.pid");
+    let qemu_uid = fs::read_to_string(&pidfile)
+        .ok()
+        .and_then(|p| fs::read_to_string(format!("/proc/{}/status", p.trim())).ok())
+        .and_then(|st| {
+            st.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|u| {
+                    u.split_whitespace()
+                        .nth(1)
+                        .and_then(|e| e.parse::<u32>().ok())
+                })
+        });
+    match qemu_uid {
+        Some(0) => panic!("{}", diag("QEMU runs as root: qemu.conf has user = \"root\"; this test checks the unprivileged setup")),
+        Some(uid) => eprintln!("libvirt test: QEMU runs as uid {uid}"),
+        // the guest may already have finished (fast host): the result still counts
+        None => eprintln!("libvirt test: QEMU already gone, uid not checked ({pidfile})"),
+    }
     let result = loop {
         let text = fs::read_to_string(&console).unwrap_or_default();
         if let Some(r) = text.lines().find_map(|l| {
@@ -527,6 +552,7 @@ fn libvirt_guest_reads_and_writes_its_vhost_iser_disk() {
     );
 
     drop(domain);
+    let _ = fs::remove_file(&qemu_log); // kept only when the test fails
     drop(backend);
     drop(tgt);
     drop(libvirt);
