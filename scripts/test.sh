@@ -19,7 +19,7 @@ QUICK=0
 step() { printf '\n=== %s (%s)\n' "$*" "$(date +%H:%M:%S)"; }
 
 step "installing Debian packages"
-scripts/install-deps.sh
+scripts/install-deps.sh --libvirt
 
 step "format and lint"
 cargo fmt --all --check
