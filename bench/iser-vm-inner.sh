@@ -19,7 +19,7 @@ LG=${ISER_VM_LOADGEN:?}
 RUNTIME=${ISER_VM_RUNTIME:-10}
 DEPTHS=${ISER_VM_DEPTHS:-1 16}
 BACKENDS=${ISER_VM_BACKENDS:-vi-iser vi-tcp qsd-iser qsd-tcp}
-CG_BACKENDS=${ISER_VM_CG_BACKENDS:-vi-iser vi-tcp qsd-iser}
+CG_BACKENDS=${ISER_VM_CG_BACKENDS:-vi-iser vi-tcp qsd-iser vi-iser-poll0}
 CG_WARM=${ISER_VM_CG_WARM:-50}
 CG_N1=${ISER_VM_CG_N1:-100}
 CG_N2=${ISER_VM_CG_N2:-500}
@@ -37,7 +37,8 @@ mkdir -p "$OUT"
 : >"$STATUS"
 log() { echo "iser-vm-inner: $(date +%T) $*" >&2; }
 status() { echo "$*" >>"$STATUS"; log "$*"; }
-ticks() { sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | awk '{print $12 + $13}'; }
+# utime and stime (clock ticks, all threads) of a process: fields 14 and 15 of /proc/PID/stat.
+ticks() { sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | awk '{print $12, $13}'; }
 
 # --- tgtd: one target, one null LUN, iSER + TCP ------------------------------------------------
 setsid tgtd -f --iscsi "portal=$IP:$PORT" --iser "pool_sz_mb=${TGT_POOL_MB:-64}" \
@@ -87,6 +88,7 @@ url_of() {
     case "$1" in
         vi-iser) echo "iser://$IP:$PORT/$IQN/1" ;;
         vi-tcp) echo "iscsi://$IP:$PORT/$TCP_IQN/1" ;;
+        vi-iser-poll0) echo "iser://$IP:$PORT/$IQN/1" ;;
     esac
 }
 qsd_iqn() { if [ "$1" = qsd-tcp ]; then echo "$TCP_IQN"; else echo "$IQN"; fi; }
@@ -157,7 +159,10 @@ for b in $CG_BACKENDS; do
     rm -f "$SOCK" "$OUT/cg.$b.out"*
     t_start=$(date +%s)
     # shellcheck disable=SC2086
-    env VHOST_ISER_REPORT_EVERY=100 valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.$b.out" \
+    # vi-iser-poll0: vhost-iser on iSER without its adaptive CQ polling window.
+    extra=
+    [ "$b" = vi-iser-poll0 ] && extra=VHOST_ISER_POLL_US=0
+    env VHOST_ISER_REPORT_EVERY=100 $extra valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.$b.out" \
         $cmd >"$OUT/cg.$b.log" 2>&1 &
     bpid=$!
     if ! wait_sock "$bpid" "$CG_TIMEOUT"; then

@@ -15,7 +15,8 @@ usage: bench/iser-vm.sh [options]
   --runtime SECS       seconds per throughput job (default 10)
   --depths "1 16"      queue depths (default "1 16")
   --backends LIST      space list of vi-iser vi-tcp qsd-iser qsd-tcp (default: all four)
-  --cg-backends LIST   backends measured under callgrind (default "vi-iser vi-tcp qsd-iser"; "" = none)
+  --cg-backends LIST   backends measured under callgrind (default "vi-iser vi-tcp qsd-iser vi-iser-poll0";
+                       "" = none; vi-iser-poll0 = vi-iser with VHOST_ISER_POLL_US=0)
   --cg-depths "1 16"   queue depths of the callgrind phases (default "1 16")
   --cg-ios "W N1 N2"   callgrind phases: warm-up, then N1, then N2 I/Os (default "50 100 500")
   --timeout SECS       VM timeout (default 900)
@@ -25,7 +26,7 @@ EOF
 }
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/.." && pwd)
-runtime=10 depths="1 16" backends="vi-iser vi-tcp qsd-iser qsd-tcp" cg_backends="vi-iser vi-tcp qsd-iser" cg_depths="1 16"
+runtime=10 depths="1 16" backends="vi-iser vi-tcp qsd-iser qsd-tcp" cg_backends="vi-iser vi-tcp qsd-iser vi-iser-poll0" cg_depths="1 16"
 cg_ios="50 100 500" vm_timeout=900 out_prefix="$repo/bench/results/iser-vm" build=1
 die() { echo "iser-vm.sh: $*" >&2; exit 2; }
 log() { echo "iser-vm.sh: $*" >&2; }
@@ -50,7 +51,7 @@ for n in "$runtime" "$cg_warm" "$cg_n1" "$cg_n2" "$vm_timeout"; do
 done
 [ "$cg_n2" -gt "$cg_n1" ] || die "--cg-ios: N2 must be larger than N1"
 for b in $backends $cg_backends; do
-    case "$b" in vi-iser | vi-tcp | qsd-iser | qsd-tcp) ;; *) die "unknown backend '$b'" ;; esac
+    case "$b" in vi-iser | vi-tcp | qsd-iser | qsd-tcp | vi-iser-poll0) ;; *) die "unknown backend '$b'" ;; esac
 done
 for t in valgrind callgrind_control qemu-storage-daemon tgtd objcopy python3; do
     command -v $t >/dev/null || die "$t not found (scripts/install-deps.sh; valgrind: apt-get install valgrind)"

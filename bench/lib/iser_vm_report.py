@@ -11,6 +11,7 @@ import glob
 import json
 import os
 import re
+import subprocess
 import sys
 
 NAMES = {
@@ -18,8 +19,9 @@ NAMES = {
     "vi-tcp": "vhost-iser, TCP",
     "qsd-iser": "qsd + libiscsi, iSER",
     "qsd-tcp": "qsd + libiscsi, TCP",
+    "vi-iser-poll0": "vhost-iser, iSER, VHOST_ISER_POLL_US=0",
 }
-ORDER = ["vi-iser", "vi-tcp", "qsd-iser", "qsd-tcp"]
+ORDER = ["vi-iser", "vi-tcp", "qsd-iser", "qsd-tcp", "vi-iser-poll0"]
 COPY_RE = re.compile(
     r"iSER to (\S+): (\d+) commands, (\d+) bytes copied \(process: (\d+) bytes for scattered "
     r"guest buffers, (\d+) for unregistered")
@@ -78,7 +80,35 @@ def cg_dumps(raw, b):
             continue
         name = trig[1].strip() if trig else os.path.basename(path)
         dumps["exit" if "termination" in name else name] = int(tot[1])
+        PATHS[(b, name)] = path
     return dumps
+
+
+PATHS = {}
+
+
+def profile(path, ios, top=14):
+    """Self cost per I/O by object file and the top functions of one dump (callgrind_annotate)."""
+    try:
+        out = subprocess.run(["callgrind_annotate", "--threshold=100", "--inclusive=no", path],
+                             capture_output=True, text=True, timeout=120).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    funcs = []
+    by_obj = {}
+    for line in out.split("file:function", 1)[-1].splitlines():
+        m = re.match(r"\s*([\d,]+) \(.*?\)\s+(.*?)\s+\[(.*)\]\s*$", line)
+        if not m or "clone.S" in m[2]:  # thread entry: inclusive of everything
+            continue
+        ir = int(m[1].replace(",", "")) / ios
+        fn = m[2].split(":", 1)[-1] if m[2].startswith(("???:", "./")) else m[2]
+        obj = os.path.basename(m[3])
+        funcs.append((ir, fn, obj))
+        by_obj[obj] = by_obj.get(obj, 0) + ir
+    if not funcs:
+        return None
+    return {"by_object": dict(sorted(by_obj.items(), key=lambda kv: -kv[1])),
+            "top": [{"ir_per_io": round(ir, 1), "function": fn, "object": obj} for ir, fn, obj in funcs[:top]]}
 
 
 def main():
@@ -105,11 +135,18 @@ def main():
             r = read_json(os.path.join(raw, f"{b}.qd{d}.json"))
             t = (read(os.path.join(raw, f"{b}.qd{d}.ticks")) or "").split()
             job = {"backend": b, "iodepth": d}
-            if r is None or len(t) != 3 or t[2] != "0" or not r.get("ios"):
+            if r is None or len(t) not in (3, 5) or t[-1] != "0" or not r.get("ios"):
                 job["error"] = (read(os.path.join(raw, f"{b}.qd{d}.err")) or "no result")[-500:]
                 jobs.append(job)
                 continue
-            cpu_s = (float(t[1]) - float(t[0])) / clk
+            if len(t) == 5:  # utime stime before, utime stime after, rc
+                user_s = (float(t[2]) - float(t[0])) / clk
+                sys_s = (float(t[3]) - float(t[1])) / clk
+                cpu_s = user_s + sys_s
+                job["backend_user_s_per_mio"] = user_s / r["ios"] * 1e6
+                job["backend_sys_s_per_mio"] = sys_s / r["ios"] * 1e6
+            else:
+                cpu_s = (float(t[1]) - float(t[0])) / clk
             job.update({
                 "iops": r["iops"], "ios": r["ios"], "errors": r["errors"],
                 "runtime_s": r["runtime_s"],
@@ -135,6 +172,8 @@ def main():
             if a is not None and z is not None:
                 e["per_depth"][str(d)] = {"Ir_n1": a, "Ir_n2": z, "Ir_per_io": (z - a) / (n2 - n1),
                                           "Ir_per_io_n2_alone": z / n2}
+                if b.startswith("vi-") and (b, f"n2qd{d}") in PATHS:
+                    e["per_depth"][str(d)]["profile_n2"] = profile(PATHS[(b, f"n2qd{d}")], n2)
         cg[b] = e
 
     def cg_per_io(b, d):
@@ -168,15 +207,20 @@ def main():
     with open(prefix + ".json", "w") as f:
         json.dump(result, f, indent=1)
 
+    def split(j):
+        if "backend_user_s_per_mio" not in j:
+            return ""
+        return f" ({j['backend_user_s_per_mio']:.0f} + {j['backend_sys_s_per_mio']:.0f})"
+
     md = []
     w = md.append
     w("# iSER in the soft-RoCE VM: vhost-iser (iSER, TCP) vs qemu-storage-daemon + libiscsi\n")
-    w(f"{meta.get('date', '')} · vhost-iser `{meta.get('git', '?')}` · {meta.get('qsd_version', '')} · "
+    w(f"{meta.get('date', '')} · {meta.get('vhost_iser_version', 'vhost-iser ?')} (bench scripts `{meta.get('git', '?')}`) · {meta.get('qsd_version', '')} · "
       f"{meta.get('valgrind_version', '')} · tgtd LUN: {result['lun']} · one VM run, "
       f"wall {meta.get('vm_wall_s', '?')} s, VM rc {meta.get('vm_rc', '?')} · host loadavg "
       f"{meta.get('loadavg_before', '?')} before, {meta.get('loadavg_after', '?')} after\n")
     w("## 4 KiB random reads, 1 queue, " + meta.get("runtime_s", "?") + " s per job\n")
-    w("| backend | QD | IOPS | p50 µs | p99 µs | backend CPU s / 1M I/Os | client CPU s / 1M I/Os |")
+    w("| backend | QD | IOPS | p50 µs | p99 µs | backend CPU s / 1M I/Os (user + sys) | client CPU s / 1M I/Os |")
     w("|---|---|---|---|---|---|---|")
     for j in jobs:
         n = NAMES[j["backend"]]
@@ -184,7 +228,7 @@ def main():
             w(f"| {n} | {j['iodepth']} | failed: {j['error'].strip().splitlines()[-1][:120] if j['error'].strip() else 'no result'} | | | | |")
             continue
         w(f"| {n} | {j['iodepth']} | {j['iops']:.0f} | {j['lat_us']['p50']:.0f} | {j['lat_us']['p99']:.0f} "
-          f"| {j['backend_cpu_s_per_mio']:.0f} | {j['client_cpu_s_per_mio']:.0f} |")
+          f"| {j['backend_cpu_s_per_mio']:.0f}{split(j)} | {j['client_cpu_s_per_mio']:.0f} |")
     w("")
     w("Backend CPU s per million I/Os = µs of backend CPU (utime+stime, all threads) per I/O.\n")
     if ratios:
@@ -233,6 +277,34 @@ def main():
                 else:
                     w(f"| {NAMES[b]} | {d} | failed (see status) | | | |")
         w("")
+    profs = [(b, d, e["per_depth"][str(d)].get("profile_n2")) for b, e in cg.items()
+             for d in cg_depths if str(d) in e["per_depth"]]
+    profs = [p for p in profs if p[2]]
+    if profs:
+        w(f"### Where vhost-iser's instructions go (self cost per I/O in the {n2}-I/O phase)\n")
+        w("By object file (the phase's client connect/disconnect included, hence slightly above Δ):\n")
+        objs = []
+        for _, _, p in profs:
+            for o in p["by_object"]:
+                if o not in objs and not o.startswith("ld-linux"):
+                    objs.append(o)
+        w("| backend | QD | " + " | ".join(objs) + " |")
+        w("|---|---|" + "---|" * len(objs))
+        for b, d, p in profs:
+            w(f"| {NAMES[b]} | {d} | " + " | ".join(f"{p['by_object'].get(o, 0):,.0f}" for o in objs) + " |")
+        w("")
+        for b, d, p in profs:
+            if d != cg_depths[0]:
+                continue
+            w(f"Top functions, {NAMES[b]}, QD{d} (Ir per I/O, self):\n")
+            w("| Ir / I/O | function | object |")
+            w("|---|---|---|")
+            for f in p["top"]:
+                w(f"| {f['ir_per_io']:,.0f} | `{f['function'][:110]}` | {f['object']} |")
+            w("")
+    notes = read(prefix + ".notes.md")
+    if notes:
+        w(notes.rstrip() + "\n")
     w("## Status lines from the VM side\n")
     w("```")
     for s in status:
@@ -271,10 +343,13 @@ def main():
       "hardware), the backend and the client — shares 2 emulated CPUs. IOPS and CPU seconds "
       "say how the backends compare under identical conditions, not what they do on real "
       "hardware. Instruction counts are the most portable number here.")
-    w("* With soft-RoCE the RDMA data movement is kernel CPU work in the VM (rxe copies), "
-      "charged to no backend process: iSER's CPU advantage over TCP on a real RNIC is larger "
-      "than the CPU seconds here can show, while the TCP path's kernel copy is charged to the "
-      "backend (recvmsg in its own thread).")
+    w("* With soft-RoCE the RDMA data movement is kernel CPU work in the VM (rxe copies the "
+      "payload), done partly in the posting process's syscalls and partly in softirq/work-queue "
+      "context charged to whoever runs: part of it lands in the backend's `sys` time, part in "
+      "tgtd's or nobody's. On a real RNIC it disappears from the host CPU; the TCP path's kernel "
+      "copy (recvmsg into guest memory, in the backend's thread) does not.")
+    w("* VM time: about 8 min with the default three callgrind backends and 11 min with four (each "
+      "valgrind start-up takes 15–60 s under TCG); `--cg-backends \"vi-iser vi-tcp\"` shortens it.")
     w("* TCP goes to 10.99.0.1, a local address: the loopback path, no NIC.")
     w("* Short runs (a few thousand I/Os at QD1 under TCG): tick granularity (10 ms) matters "
       "for the CPU columns.\n")
