@@ -8,6 +8,7 @@
 # the VM console go to stderr. Exit status: 0 everything measured, 1 some part failed (the
 # results say which), 2 usage/setup error (nothing written).
 set -euo pipefail
+invocation="$0 $*"
 
 usage() {
     cat <<'EOF'
@@ -15,7 +16,7 @@ usage: bench/iser-vm.sh [options]
   --runtime SECS       seconds per throughput job (default 10)
   --depths "1 16"      queue depths (default "1 16")
   --backends LIST      space list of vi-iser vi-tcp qsd-iser qsd-tcp (default: all four)
-  --cg-backends LIST   backends measured under callgrind (default "vi-iser vi-tcp qsd-iser vi-iser-poll0";
+  --cg-backends LIST   backends measured under callgrind (default "vi-iser vi-tcp qsd-iser";
                        "" = none; vi-iser-poll0 = vi-iser with VHOST_ISER_POLL_US=0)
   --cg-depths "1 16"   queue depths of the callgrind phases (default "1 16")
   --cg-ios "W N1 N2"   callgrind phases: warm-up, then N1, then N2 I/Os (default "50 100 500")
@@ -26,7 +27,7 @@ EOF
 }
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/.." && pwd)
-runtime=10 depths="1 16" backends="vi-iser vi-tcp qsd-iser qsd-tcp" cg_backends="vi-iser vi-tcp qsd-iser vi-iser-poll0" cg_depths="1 16"
+runtime=10 depths="1 16" backends="vi-iser vi-tcp qsd-iser qsd-tcp" cg_backends="vi-iser vi-tcp qsd-iser" cg_depths="1 16"
 cg_ios="50 100 500" vm_timeout=900 out_prefix="$repo/bench/results/iser-vm" build=1
 die() { echo "iser-vm.sh: $*" >&2; exit 2; }
 log() { echo "iser-vm.sh: $*" >&2; }
@@ -90,7 +91,7 @@ rc=0
 python3 "$here/lib/iser_vm_report.py" "$work/out" "$out_prefix" \
     vm_rc="$vm_rc" vm_wall_s="$wall" loadavg_before="$loadavg_before" \
     loadavg_after="$(cut -d' ' -f1-3 /proc/loadavg)" runtime_s="$runtime" depths="$depths" \
-    cg_ios="$cg_ios" cg_depths="$cg_depths" date="$(date -u "+%Y-%m-%d %H:%M UTC")" git="$(git -C "$repo" describe --always --dirty 2>/dev/null || echo unknown)" \
+    command="$invocation" cg_ios="$cg_ios" cg_depths="$cg_depths" date="$(date -u "+%Y-%m-%d %H:%M UTC")" git="$(git -C "$repo" describe --always --dirty 2>/dev/null || echo unknown)" \
     vhost_iser_version="$("$vi" --version 2>/dev/null)" \
     qsd_version="$(qemu-storage-daemon --version | head -1)" \
     valgrind_version="$(valgrind --version)" || rc=$?

@@ -219,6 +219,8 @@ def main():
       f"{meta.get('valgrind_version', '')} · tgtd LUN: {result['lun']} · one VM run, "
       f"wall {meta.get('vm_wall_s', '?')} s, VM rc {meta.get('vm_rc', '?')} · host loadavg "
       f"{meta.get('loadavg_before', '?')} before, {meta.get('loadavg_after', '?')} after\n")
+    if meta.get("command"):
+        w(f"Command: `{meta['command']}`\n")
     w("## 4 KiB random reads, 1 queue, " + meta.get("runtime_s", "?") + " s per job\n")
     w("| backend | QD | IOPS | p50 µs | p99 µs | backend CPU s / 1M I/Os (user + sys) | client CPU s / 1M I/Os |")
     w("|---|---|---|---|---|---|---|")
@@ -348,8 +350,9 @@ def main():
       "context charged to whoever runs: part of it lands in the backend's `sys` time, part in "
       "tgtd's or nobody's. On a real RNIC it disappears from the host CPU; the TCP path's kernel "
       "copy (recvmsg into guest memory, in the backend's thread) does not.")
-    w("* VM time: about 8 min with the default three callgrind backends and 11 min with four (each "
-      "valgrind start-up takes 15–60 s under TCG); `--cg-backends \"vi-iser vi-tcp\"` shortens it.")
+    w("* VM time: about 8 min with the default three callgrind backends, 11 min with "
+      "`vi-iser-poll0` added (each valgrind start-up takes 15–60 s under TCG); "
+      "`--cg-backends \"vi-iser vi-tcp\"` shortens it.")
     w("* TCP goes to 10.99.0.1, a local address: the loopback path, no NIC.")
     w("* Short runs (a few thousand I/Os at QD1 under TCG): tick granularity (10 ms) matters "
       "for the CPU columns.\n")
