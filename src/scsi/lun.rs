@@ -321,6 +321,10 @@ pub struct LunQueue {
     watched_fd: RawFd,
     watching_out: bool,
     last_reconnect: Option<Instant>,
+    /// When the timerfd was last found expired.
+    last_tick: Instant,
+    /// A command was handed to the session since the last round.
+    sent: bool,
     /// A login in progress on a helper thread.
     login: Option<std::sync::mpsc::Receiver<Result<Session, TargetError>>>,
     /// Current wait between reconnect attempts.
@@ -422,6 +426,8 @@ impl LunQueue {
             watched_fd: fd,
             watching_out: false,
             last_reconnect: None,
+            last_tick: Instant::now(),
+            sent: false,
             login: None,
             reconnect_backoff: RECONNECT_INTERVAL,
             zero_block,
@@ -452,6 +458,7 @@ impl LunQueue {
     }
 
     fn send_child(&mut self, parent: usize, mut req: ScsiCommandReq, retries: u32) {
+        self.sent = true;
         let slot = match self.free_children.pop() {
             Some(i) => i,
             None => {
@@ -907,6 +914,37 @@ impl LunQueue {
         }
     }
 
+    /// One round: timer work when a tick is due, then the session (`receive`:
+    /// also read what the target sent), then the results.
+    fn run(&mut self, done: &mut Vec<Completion>, receive: bool) {
+        // Read the timerfd only when a tick can be due: a read that finds
+        // nothing is a wasted system call per event.
+        if self.last_tick.elapsed() >= TICK && timer_fired(&self.timer) {
+            self.last_tick = Instant::now();
+            self.on_tick();
+        }
+        let mut results = std::mem::take(&mut self.results);
+        self.sent = false;
+        if receive {
+            self.session.poll(&mut results);
+        } else {
+            self.session.send(&mut results);
+        }
+        for r in results.drain(..) {
+            self.on_result(r);
+        }
+        // Retries queued during on_result go out now (only if there are any).
+        if std::mem::take(&mut self.sent) {
+            self.session.send(&mut results);
+            for r in results.drain(..) {
+                self.on_result(r);
+            }
+        }
+        self.results = results;
+        self.update_interest();
+        done.append(&mut self.ready);
+    }
+
     fn update_interest(&mut self) {
         if self.session.failure().is_some() {
             // A dead socket stays readable (EOF): stop watching it, or the
@@ -958,22 +996,11 @@ impl QueueTarget for LunQueue {
     }
 
     fn poll(&mut self, done: &mut Vec<Completion>) {
-        if timer_fired(&self.timer) {
-            self.on_tick();
-        }
-        let mut results = std::mem::take(&mut self.results);
-        self.session.poll(&mut results);
-        for r in results.drain(..) {
-            self.on_result(r);
-        }
-        // Retries queued during on_result go out now.
-        self.session.poll(&mut results);
-        for r in results.drain(..) {
-            self.on_result(r);
-        }
-        self.results = results;
-        self.update_interest();
-        done.append(&mut self.ready);
+        self.run(done, true);
+    }
+
+    fn send(&mut self, done: &mut Vec<Completion>) {
+        self.run(done, false);
     }
 
     fn event_fd(&self) -> Option<RawFd> {

@@ -235,7 +235,7 @@ impl QueueWorker {
                 }
             }
             self.pop_and_submit(vring, mem);
-            self.complete(vring, mem);
+            self.complete(vring, mem, false);
             if !event_idx {
                 break;
             }
@@ -255,7 +255,7 @@ impl QueueWorker {
         let Some(mem) = self.mem.clone() else {
             return;
         };
-        self.complete(vring, &mem);
+        self.complete(vring, &mem, true);
     }
 
     /// Records the frontend's guest memory.
@@ -431,9 +431,20 @@ impl QueueWorker {
         }
     }
 
-    fn complete(&mut self, vring: &VringRwLock, mem: &GuestMemoryAtomic<GuestMemoryMmap>) {
+    /// Completes what the target has finished. `receive`: look for new
+    /// completions (the target's fd fired); after submits only send.
+    fn complete(
+        &mut self,
+        vring: &VringRwLock,
+        mem: &GuestMemoryAtomic<GuestMemoryMmap>,
+        receive: bool,
+    ) {
         let mut done = std::mem::take(&mut self.done);
-        self.target.poll(&mut done);
+        if receive {
+            self.target.poll(&mut done);
+        } else {
+            self.target.send(&mut done);
+        }
         if done.is_empty() {
             self.done = done;
             self.signal(vring);
