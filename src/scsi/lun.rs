@@ -321,8 +321,9 @@ pub struct LunQueue {
     watched_fd: RawFd,
     watching_out: bool,
     last_reconnect: Option<Instant>,
-    /// When the timerfd was last found expired.
-    last_tick: Instant,
+    /// When the timerfd next expires (its expiries are start + k·TICK; both
+    /// clocks are CLOCK_MONOTONIC).
+    next_tick: Instant,
     /// A command was handed to the session since the last round.
     sent: bool,
     /// A login in progress on a helper thread.
@@ -369,8 +370,8 @@ fn periodic_timer(period: Duration) -> std::io::Result<OwnedFd> {
     Ok(owned)
 }
 
-/// Reads a non-blocking timerfd; true if it expired since the last read.
-fn timer_fired(fd: &OwnedFd) -> bool {
+/// Reads a non-blocking timerfd: how many periods expired since the last read.
+fn timer_expirations(fd: &OwnedFd) -> u64 {
     let mut n = 0u64;
     // SAFETY: reads 8 bytes into a u64 on the stack.
     let r = unsafe {
@@ -380,7 +381,11 @@ fn timer_fired(fd: &OwnedFd) -> bool {
             std::mem::size_of::<u64>(),
         )
     };
-    r == std::mem::size_of::<u64>() as isize && n > 0
+    if r == std::mem::size_of::<u64>() as isize {
+        n
+    } else {
+        0
+    }
 }
 
 impl LunQueue {
@@ -400,6 +405,8 @@ impl LunQueue {
         epoll
             .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, 0))
             .map_err(setup)?;
+        // Taken before arming: the first expiry is never earlier than this.
+        let first_tick = Instant::now() + TICK;
         let timer = periodic_timer(TICK).map_err(setup)?;
         epoll
             .ctl(
@@ -426,7 +433,7 @@ impl LunQueue {
             watched_fd: fd,
             watching_out: false,
             last_reconnect: None,
-            last_tick: Instant::now(),
+            next_tick: first_tick,
             sent: false,
             login: None,
             reconnect_backoff: RECONNECT_INTERVAL,
@@ -917,11 +924,16 @@ impl LunQueue {
     /// One round: timer work when a tick is due, then the session (`receive`:
     /// also read what the target sent), then the results.
     fn run(&mut self, done: &mut Vec<Completion>, receive: bool) {
-        // Read the timerfd only when a tick can be due: a read that finds
-        // nothing is a wasted system call per event.
-        if self.last_tick.elapsed() >= TICK && timer_fired(&self.timer) {
-            self.last_tick = Instant::now();
-            self.on_tick();
+        // Read the timerfd only when a tick is due: a read that finds nothing
+        // is a wasted system call per event. Skipping it while it is readable
+        // would make the worker's epoll spin, so "due" follows the timer's own
+        // schedule, not the time we last read it.
+        if Instant::now() >= self.next_tick {
+            let n = timer_expirations(&self.timer);
+            if n > 0 {
+                self.next_tick += TICK * n.min(u32::MAX as u64) as u32;
+                self.on_tick();
+            }
         }
         let mut results = std::mem::take(&mut self.results);
         self.sent = false;

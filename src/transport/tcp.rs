@@ -108,6 +108,10 @@ struct RecvState {
     trailer: [u8; 3 + DIGEST_LEN],
     trailer_len: usize,
     trailer_got: usize,
+    /// The last read returned less than it asked for: the socket had nothing
+    /// more, so the next read would only find EAGAIN. Skip it; the worker's
+    /// level-triggered epoll reports the socket again when data arrives.
+    drained: bool,
 }
 
 /// One TCP connection to a portal.
@@ -164,6 +168,7 @@ impl TcpConnection {
                             trailer: [0u8; 3 + DIGEST_LEN],
                             trailer_len: 0,
                             trailer_got: 0,
+                            drained: false,
                         },
                         discard: vec![0u8; DISCARD_CHUNK].into_boxed_slice(),
                     });
@@ -314,13 +319,17 @@ impl TcpConnection {
             if !self.recv.in_data {
                 // Header phase.
                 while self.recv.hdr_got < self.recv.hdr_len {
+                    if std::mem::take(&mut self.recv.drained) {
+                        return Ok(None);
+                    }
                     let r = &mut self.recv;
+                    let want = r.hdr_len - r.hdr_got;
                     // SAFETY: reading into our own header buffer within bounds.
                     let n = unsafe {
                         libc::read(
                             self.stream.as_raw_fd(),
                             r.hdr.as_mut_ptr().add(r.hdr_got).cast(),
-                            r.hdr_len - r.hdr_got,
+                            want,
                         )
                     };
                     let n = match read_outcome(n, &self.addr)? {
@@ -329,6 +338,7 @@ impl TcpConnection {
                         Read::Interrupted => continue,
                     };
                     let r = &mut self.recv;
+                    r.drained = n < want;
                     r.hdr_got += n;
                     if r.hdr_got >= BHS_LEN && r.hdr_len == BHS_LEN {
                         // Now the AHS length is known.
@@ -420,6 +430,9 @@ impl TcpConnection {
             if r.data_got == r.data_len && r.trailer_got == r.trailer_len {
                 return Ok(true);
             }
+            if std::mem::take(&mut r.drained) {
+                return Ok(false);
+            }
             let mut iov = std::mem::take(&mut self.iov_scratch);
             iov.clear();
             let data_left = r.data_len - r.data_got;
@@ -464,6 +477,7 @@ impl TcpConnection {
                 Read::Interrupted => continue,
             };
             let r = &mut self.recv;
+            r.drained = n < want_data + BHS_LEN;
             let extra = n.saturating_sub(want_data);
             n -= extra;
             let d = n.min(data_left);
