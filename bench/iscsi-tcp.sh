@@ -4,8 +4,7 @@
 # and libiscsi's iscsi-perf straight to the target as the ceiling. One tgtd, one null LUN, for
 # everything, in one run; jobs interleaved across backends. See bench/README.md.
 #
-# Writes bench/results/iscsi-tcp.json and prints a markdown section to stdout (progress on
-# stderr). Exit status: 0 all jobs ran, 1 a job failed, 2 usage or setup error.
+# Writes bench/results/iscsi-tcp.json, .md (also printed) and .strace.txt (progress on stderr). Exit status: 0 all jobs ran, 1 a job failed, 2 usage or setup error.
 set -euo pipefail
 
 usage() {
@@ -21,7 +20,8 @@ usage: bench/iscsi-tcp.sh [options]
                          backend under `strace -c -f`: which system calls (written to
                          OUT with .json replaced by .strace.txt); --strace none to skip
   --vhost-iser-bin PATH  use this vhost-iser binary instead of building this checkout's
-  --out FILE             JSON output (default bench/results/iscsi-tcp.json)
+  --out FILE             JSON output (default bench/results/iscsi-tcp.json; the markdown
+                         goes next to it as .md, the strace tables as .strace.txt)
   --no-build             do not run cargo (binaries must already exist)
 Environment: VHOST_ISER_GIT=<rev> is recorded in the JSON as the vhost-iser revision measured.
 EOF
@@ -421,6 +421,6 @@ json.dump({
 }, open(sys.argv[1], "w"), indent=1)
 EOF
 mkdir -p "$(dirname "$out")"
-python3 "$here/lib/iscsi_report.py" render "$runs" "$work/meta.json" "$out"
-log "wrote $out"
+python3 "$here/lib/iscsi_report.py" render "$runs" "$work/meta.json" "$out" | tee "${out%.json}.md"
+log "wrote $out and ${out%.json}.md"
 exit "$failed"

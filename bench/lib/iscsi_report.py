@@ -207,9 +207,9 @@ def render(runs_path, meta_path, out_path):
     ratio_table(MAIN, CEIL, "short")
     ratio_table(REF, CEIL, "short")
 
-    # Which system calls, per I/O, in the QD32 job (median rep by IOPS).
+    # Which system calls, per I/O, in the 4 KiB QD1 and QD32 jobs (median rep by IOPS).
     for job in jobs:
-        if "1q QD32" not in job:
+        if not (job.endswith(" 1q QD1") or job.endswith(" 1q QD32")):
             continue
         rows = []
         names = []
@@ -226,8 +226,8 @@ def render(runs_path, meta_path, out_path):
         if rows:
             names.sort(key=lambda k: -max(p.get(k, 0) for _, p in rows))
             o.append("")
-            o.append(f"System calls per I/O by name, {job} (perf stat tracepoint counts over the "
-                     "middle of the job, I/Os from the mean IOPS):")
+            o.append(f"System calls per I/O by name, {job} (the median rep by IOPS; perf stat "
+                     "tracepoint counts over the middle of the job, I/Os from its mean IOPS):")
             o.append("")
             o.append("| backend | all | " + " | ".join(names) + " |")
             o.append("|---|---:|" + "---:|" * len(names))
