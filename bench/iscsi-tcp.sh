@@ -4,7 +4,8 @@
 # and libiscsi's iscsi-perf straight to the target as the ceiling. One tgtd, one null LUN, for
 # everything, in one run; jobs interleaved across backends. See bench/README.md.
 #
-# Writes bench/results/iscsi-tcp.json, .md (also printed) and .strace.txt (progress on stderr). Exit status: 0 all jobs ran, 1 a job failed, 2 usage or setup error.
+# Writes bench/results/iscsi-tcp.json, .md (also printed) and .strace.txt (progress on
+# stderr). Exit status: 0 all jobs ran, 1 a job failed, 2 usage or setup error.
 set -euo pipefail
 
 usage() {

@@ -143,7 +143,8 @@ def render(runs_path, meta_path, out_path):
     o = []
     o.append(f"### iSCSI/TCP: {meta.get('title', '')}")
     o.append("")
-    o.append(f"{meta.get('date', '')}, git {meta.get('git')}, host {meta.get('host', '')}, "
+    built = f"vhost-iser {meta['vhost_iser_git']}, " if meta.get("vhost_iser_git") else ""
+    o.append(f"{meta.get('date', '')}, {built}bench git {meta.get('git')}, host {meta.get('host', '')}, "
              f"{meta.get('nproc', '?')} CPUs, loadavg before {meta.get('loadavg_before', '?')}, "
              f"after {meta.get('loadavg_after', '?')}; {meta.get('runtime_s')} s per job, "
              f"{meta.get('reps')} rep(s): IOPS/latency of the median rep by IOPS, CPU and "
