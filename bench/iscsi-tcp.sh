@@ -139,6 +139,7 @@ trap 'exit 130' INT TERM
 
 clk_tck=$(getconf CLK_TCK)
 cpu_ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
+stime_ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{print $13}'; }
 
 # --- tgtd: one target, one null LUN (reads return zeroes, nothing is stored) --------------
 port=
@@ -312,6 +313,7 @@ for rep in $(seq "$reps"); do
             monitor_pid=$!
             sleep 0.3 # the monitor's first sample is the idle backend
             t0=$(cpu_ticks "$backend_pid")
+            s0=$(stime_ticks "$backend_pid")
             g0=$(cpu_ticks "$tgtd_pid")
             "$loadgen" --socket "$sock" --queues "$q" --iodepth "$d" --rw "$rw" --bs "$bs" \
                 --runtime "$runtime" --json >"$work/$tag.json" 2>"$work/$tag.err" &
@@ -323,6 +325,7 @@ for rep in $(seq "$reps"); do
             fi
             if wait "$lg"; then
                 t1=$(cpu_ticks "$backend_pid")
+                s1=$(stime_ticks "$backend_pid")
                 g1=$(cpu_ticks "$tgtd_pid")
                 wait_perf
                 kill "$monitor_pid" 2>/dev/null || true
@@ -331,7 +334,7 @@ for rep in $(seq "$reps"); do
                 sc=()
                 [ -n "$syscalls" ] && sc=(syscalls_file="$work/$tag.sc" tgtd_syscalls_file="$work/$tag.tsc" syscall_window_s="$sc_window")
                 record "${common[@]}" loadgen="$work/$tag.json" procmon="$work/$tag.mem.json" \
-                    ticks0="$t0" ticks1="$t1" tgtd0="$g0" tgtd1="$g1" "${sc[@]}"
+                    ticks0="$t0" ticks1="$t1" sticks0="$s0" sticks1="$s1" tgtd0="$g0" tgtd1="$g1" "${sc[@]}"
             else
                 wait_perf
                 kill "$monitor_pid" 2>/dev/null || true

@@ -6,7 +6,7 @@
 
 `record` keys: backend, job, rw, bs, queues, iodepth, rep, clk_tck; then either
 loadgen (path to `vhost-iser-loadgen --json` output), procmon (procmon.py output), ticks0,
-ticks1 (backend utime+stime in clock ticks before/after) — or iscsiperf (iscsiperf.py output);
+ticks1 (backend utime+stime in clock ticks before/after), sticks0, sticks1 (stime alone) — or iscsiperf (iscsiperf.py output);
 tgtd0, tgtd1 (tgtd's ticks before/after); syscalls_file, tgtd_syscalls_file,
 syscall_window_s (`perf stat -x,` output over a window inside the job); error (the job then has no numbers).
 """
@@ -56,6 +56,7 @@ def record(runs_path, kv):
                 ip = json.load(f)
             ios = ip["ios"]
             cpu_s = ip["cpu_s"]
+            rec["backend_sys_s"] = ip.get("sys_s")
             rec.update({"iops": ip["iops"], "mib_s": ip["mib_s"], "lat_us": None, "ios": ios,
                         "errors": 0, "backend_cpu_s": cpu_s, "client_cpu_s_per_mio": None,
                         "backend_mem_kib": {"peak": None, "maxrss_kib": ip.get("maxrss_kib")},
@@ -70,6 +71,8 @@ def record(runs_path, kv):
                 mon = {"error": f"no memory samples: {e}"}
             ios = lg["ios"]
             cpu_s = (int(a["ticks1"]) - int(a["ticks0"])) / clk
+            if a.get("sticks0") and a.get("sticks1"):
+                rec["backend_sys_s"] = (int(a["sticks1"]) - int(a["sticks0"])) / clk
             rec.update({"iops": lg["iops"], "mib_s": lg["mib_s"], "lat_us": lg["lat_us"],
                         "ios": ios, "errors": lg["errors"], "backend_cpu_s": cpu_s,
                         "client_cpu_s_per_mio": lg["client_cpu_s"] / ios * 1e6 if ios else None,
@@ -80,6 +83,8 @@ def record(runs_path, kv):
                                             "error": mon.get("error")},
                         "loadgen": lg})
         rec["backend_cpu_s_per_mio"] = cpu_s / ios * 1e6 if ios else None
+        sys_s = rec.get("backend_sys_s")
+        rec["backend_sys_pct"] = 100 * sys_s / cpu_s if sys_s is not None and cpu_s else None
         if a.get("tgtd0") and a.get("tgtd1"):
             t = (int(a["tgtd1"]) - int(a["tgtd0"])) / clk
             rec["tgtd_cpu_s"] = t
@@ -124,7 +129,7 @@ def render(runs_path, meta_path, out_path):
                 table[(job, b)] = pick(recs)
                 # CPU and syscall figures: the median of each over the reps, independently
                 med[(job, b)] = {k: median_of(recs, k) for k in
-                                 ("backend_cpu_s_per_mio", "tgtd_cpu_s_per_mio",
+                                 ("backend_cpu_s_per_mio", "backend_sys_pct", "tgtd_cpu_s_per_mio",
                                   "syscalls_per_io", "tgtd_syscalls_per_io")}
     summary = []
     for (job, b), r in table.items():
@@ -154,22 +159,23 @@ def render(runs_path, meta_path, out_path):
     for b, cmd in (meta.get("backend_cmds") or {}).items():
         o.append(f"- `{b}`: `{cmd}`")
     o.append("")
-    o.append("| job | backend | IOPS | MiB/s | p50 µs | p99 µs | backend CPU s / M I/O | "
+    o.append("| job | backend | IOPS | MiB/s | p50 µs | p99 µs | backend CPU s / M I/O | kernel % of it | "
              "tgtd CPU s / M I/O | backend syscalls / I/O | backend Private_Dirty peak MiB | "
              "backend Anonymous peak MiB |")
-    o.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    o.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for job in jobs:
         for b in backends:
             r = table.get((job, b))
             if r is None:
                 continue
             if "error" in r:
-                o.append(f"| {job} | {b} | FAILED: {r['error']} | | | | | | | | |")
+                o.append(f"| {job} | {b} | FAILED: {r['error']} | | | | | | | | | |")
                 continue
             m = med[(job, b)]
             o.append(f"| {job} | {b} | {fmt(r['iops'])} | {fmt(r['mib_s'], 1)} | "
                      f"{fmt(lat(r, 'p50'), 1)} | {fmt(lat(r, 'p99'), 1)} | "
-                     f"{fmt(m['backend_cpu_s_per_mio'], 1)} | {fmt(m['tgtd_cpu_s_per_mio'], 1)} | "
+                     f"{fmt(m['backend_cpu_s_per_mio'], 1)} | {fmt(m['backend_sys_pct'], 0)} | "
+                     f"{fmt(m['tgtd_cpu_s_per_mio'], 1)} | "
                      f"{fmt(m['syscalls_per_io'], 2)} | {fmt(peak_mib(r, 'Private_Dirty'), 1)} | "
                      f"{fmt(peak_mib(r, 'Anonymous'), 1)} |")
     o.append("")

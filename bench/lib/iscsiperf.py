@@ -34,6 +34,7 @@ def main():
     bs = re.search(r"transfer size of (\d+) blocks \((\d+) byte\)", text)
     res = {"cmd": cmd, "rc": rc, "elapsed_s": elapsed,
            "cpu_s": ru.ru_utime + ru.ru_stime,
+           "sys_s": ru.ru_stime,
            "maxrss_kib": ru.ru_maxrss,
            "output_tail": text[-600:]}
     ok = rc == 0 and avgs
