@@ -285,7 +285,8 @@ for rep in $(seq "$reps"); do
                 sc=()
                 if [ -n "$syscalls" ]; then
                     sleep 1
-                    count_syscalls "$(cat "$work/$tag.pid")" "$sc_window" "$work/$tag.sc"
+                    for i in $(seq 30); do [ -s "$work/$tag.pid" ] && break; sleep 0.1; done
+                    count_syscalls "$(cat "$work/$tag.pid" 2>/dev/null)" "$sc_window" "$work/$tag.sc"
                     count_syscalls "$tgtd_pid" "$sc_window" "$work/$tag.tsc"
                 fi
                 if wait "$runner"; then

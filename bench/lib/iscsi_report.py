@@ -222,6 +222,10 @@ def render(runs_path, meta_path, out_path):
         names = []
         for b in backends:
             r = table.get((job, b))
+            if r and not r.get("syscalls"):
+                # the tabled rep has no counts (perf could not attach): take another rep
+                r = next((x for x in runs if x["job"] == job and x["backend"] == b
+                          and "error" not in x and x.get("syscalls")), None)
             if not r or "error" in r or not r.get("syscalls"):
                 continue
             ios_in_window = r["iops"] * (r.get("syscall_window_s") or 0)
