@@ -4,7 +4,8 @@
 # ${VM_OUT}/TAG/JOB.json. Around each fio process it creates JOB.start / JOB.end in the same
 # directory (a 9p share the host sees at once): the host reads the backend's CPU time when
 # they appear. Each marker holds /sys/block/DEV/stat at that moment (I/Os completed by the
-# device, ramp time included), which the host divides the CPU time by.
+# device, ramp time included), which the host divides the CPU time by, and the number of
+# virtio-blk interrupts the guest has taken.
 # Knobs (env): DEV (/dev/vda) JOBS ("randwrite randread") RT (12 s per job) RAMP (2 s)
 #              QD (16, per fio job) NJ (2 fio jobs, one per vCPU, so both virtqueues work)
 #              SPAN (256m: the LBA range the 4k jobs touch) SEQ_BS (128k)
@@ -20,6 +21,13 @@ echo "guest-fio: $DEV, $ncpu vCPUs, jobs: $JOBS" | tee "$O/log.txt"
 COMMON=(--eta=never --filename="$DEV" --ioengine=libaio --direct=1 --iodepth="$QD"
         --numjobs="$NJ" --group_reporting --time_based --runtime="$RT" --ramp_time="$RAMP"
         --cpus_allowed="0-$((ncpu - 1))" --cpus_allowed_policy=split --output-format=json)
+# marker content: line 1 the device's /sys/block/DEV/stat, line 2 "irq N": interrupts taken
+# so far by virtio-blk request queues (/proc/interrupts "virtioN-req.Q"; 9p's are "-requests")
+mark() {
+  { cat "/sys/block/${DEV#/dev/}/stat"
+    awk '/virtio[0-9]+-req\./{for(i=2;i<=NF;i++) if($i ~ /^[0-9]+$/) n+=$i} END{print "irq", n+0}' /proc/interrupts
+  } >"$1"
+}
 rc=0
 for job in $JOBS; do
   case "$job" in
@@ -27,10 +35,10 @@ for job in $JOBS; do
     seqread) args=(--rw=read --bs="$SEQ_BS" --size="$SPAN" --offset_increment="$SPAN") ;;
     *) echo "guest-fio: unknown job $job"; exit 2 ;;
   esac
-  cat "/sys/block/${DEV#/dev/}/stat" >"$O/$job.start"
+  mark "$O/$job.start"
   fio "${COMMON[@]}" --name="$job" "${args[@]}" --output="$O/$job.json"
   r=$?
-  cat "/sys/block/${DEV#/dev/}/stat" >"$O/$job.end"
+  mark "$O/$job.end"
   echo "guest-fio: $job rc=$r loadavg $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$O/log.txt"
   [ "$r" = 0 ] || rc=1
   sleep 1   # lets the host's sampler see .end before the next .start
