@@ -133,6 +133,14 @@ def main():
         v, q = summary[job]["vhost-iser"], summary[job]["qsd"]
         summary[job]["ratio_vhost_iser_over_qsd"] = {
             k: (v[k] / q[k] if v[k] and q[k] else None) for k in keys}
+        # the same ratio taken within each repetition (the two runs of a pair ran back to
+        # back, under similar host load), then the median over repetitions
+        by = {(r["rep"], r["backend"]): r["jobs"].get(job) for r in runs if r["guest_rc"] == 0}
+        pairs = [by[(k, "vhost-iser")]["iops"] / by[(k, "qsd")]["iops"]
+                 for k in sorted({r["rep"] for r in runs})
+                 if by.get((k, "vhost-iser")) and by.get((k, "qsd")) and by[(k, "qsd")]["iops"]]
+        summary[job]["paired_iops_ratios"] = [round(x, 3) for x in pairs]
+        summary[job]["paired_iops_ratio_median"] = med(pairs)
     loads = [l for r in runs for j in r["jobs"].values()
              for l in (j.get("host_loadavg_start", [None])[0], j.get("host_loadavg_end", [None])[0])
              if l is not None]
@@ -158,13 +166,14 @@ def main():
                      f"{fmt(s['backend_ctxsw_per_io'], 2)} | "
                      f"{fmt(s['guest_irqs_per_io'], 2)} | {s['n']} ({', '.join(str(x) for x in s['iops_all'])}) |")
     L.append("\nRatios vhost-iser / qsd (IOPS: > 1 is better for vhost-iser; latency and CPU: < 1 is better):\n")
-    L.append("| job | IOPS | mean latency | p99 latency | backend CPU per I/O | tgtd CPU per I/O |")
-    L.append("|---|---:|---:|---:|---:|---:|")
+    L.append("| job | IOPS (ratio of medians) | IOPS (median of per-repetition ratios) | mean latency | p99 latency | backend CPU per I/O | tgtd CPU per I/O | guest IRQs per I/O |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|---:|")
     for job in jobs_seen:
         r = summary[job]["ratio_vhost_iser_over_qsd"]
-        L.append(f"| {JOB_DESC[job]} | {fmt(r['iops'], 2)} | {fmt(r['lat_mean_us'], 2)} | "
+        L.append(f"| {JOB_DESC[job]} | {fmt(r['iops'], 2)} | "
+                 f"{fmt(summary[job]['paired_iops_ratio_median'], 2)} | {fmt(r['lat_mean_us'], 2)} | "
                  f"{fmt(r['clat_p99_us'], 2)} | {fmt(r['backend_cpu_s_per_mio'], 2)} | "
-                 f"{fmt(r['tgtd_cpu_s_per_mio'], 2)} |")
+                 f"{fmt(r['tgtd_cpu_s_per_mio'], 2)} | {fmt(r['guest_irqs_per_io'], 2)} |")
     lr = meta["host_loadavg_1min_range"]
     failed = [f"{r['rep']}-{r['backend']} (rc {r['guest_rc']})" for r in runs if r["guest_rc"] != 0]
     L.append(f"""
