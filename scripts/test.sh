@@ -32,6 +32,9 @@ step "tests (unit, libblkio, tgtd, QEMU guests, soft-RoCE VM)"
 # Two cores: VM tests boot TCG guests; keep parallelism modest.
 cargo test --all-targets -- --test-threads="${TEST_THREADS:-3}"
 
+step "benchmark report code (recorded JSON)"
+python3 -m unittest discover -s bench/lib -p 'test_*.py'
+
 if [ "$QUICK" = 0 ]; then
   step "fuzzing (${FUZZ_SECONDS:-20} s per target)"
   scripts/fuzz.sh "${FUZZ_SECONDS:-20}"
