@@ -107,7 +107,7 @@ fn run(opts: &Options) -> ExitCode {
     let drain_backend = backend.clone();
     let socket = opts.socket.clone();
     let metrics_socket = metrics_server.as_ref().map(|m| m.addr().clone());
-    std::thread::Builder::new()
+    if let Err(e) = std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             if let Some(sig) = signals.forever().next() {
@@ -125,7 +125,10 @@ fn run(opts: &Options) -> ExitCode {
                 std::process::exit(if left == 0 { 0 } else { 1 });
             }
         })
-        .expect("spawning the signal thread");
+    {
+        error!("cannot start the signal thread: {e}");
+        return ExitCode::FAILURE;
+    }
 
     match serve(backend, &opts.socket) {
         Ok(()) => ExitCode::SUCCESS,

@@ -321,10 +321,12 @@ pub struct QueueInflight {
 
 impl QueueInflight {
     fn view(&self) -> QueueView<'_> {
-        // `index` was checked when the tracker was made.
-        self.region
-            .queue(self.index)
-            .expect("queue index checked at construction")
+        // `index` was checked against the region when the tracker was made.
+        QueueView {
+            region: &self.region,
+            off: queue_area_bytes(self.region.queue_size) as usize * self.index,
+            desc_num: self.region.queue_size,
+        }
     }
 
     /// Records `head` as taken from the avail ring.
