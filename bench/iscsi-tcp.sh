@@ -180,32 +180,8 @@ backend_cmd() {
     esac
 }
 
-start_backend() {
-    local b=$1 sock=$2 q=$3 blog=$4
-    rm -f "$sock"
-    # shellcheck disable=SC2046  # word splitting of the command is intended
-    $(backend_cmd "$b" "$sock" "$q") >"$blog" 2>&1 &
-    backend_pid=$!
-    local i
-    for i in $(seq 100); do
-        if [ -S "$sock" ]; then return 0; fi
-        if ! kill -0 "$backend_pid" 2>/dev/null; then
-            wait "$backend_pid" 2>/dev/null || true
-            backend_pid=
-            return 1
-        fi
-        sleep 0.1
-    done
-    return 1
-}
-
-stop_backend() {
-    if [ -n "$backend_pid" ]; then
-        kill "$backend_pid" 2>/dev/null || true
-        wait "$backend_pid" 2>/dev/null || true
-        backend_pid=
-    fi
-}
+# shellcheck source=bench/lib/backend.sh
+. "$here/lib/backend.sh"
 
 # Counts the system calls of process $1 (all threads) for $2 seconds into file $3 (perf stat,
 # in-kernel counting of tracepoints: no ptrace, little overhead): all of them, and the ones an
@@ -235,7 +211,8 @@ for b in "${backend_arr[@]}"; do
             || die "iscsi-perf against $url failed: $(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("error"))' "$work/pre.json" 2>/dev/null)"
     else
         sock="$work/$b.sock"
-        if ! start_backend "$b" "$sock" 1 "$work/$b.preflight.log"; then
+        # shellcheck disable=SC2046  # word splitting of the command is intended
+        if ! start_backend "$sock" "$work/$b.preflight.log" $(backend_cmd "$b" "$sock" 1); then
             tail -n 20 "$work/$b.preflight.log" >&2 || true
             stop_backend
             die "backend $b failed to start ($(backend_cmd "$b" "$sock" 1)); no numbers reported"
@@ -305,7 +282,8 @@ for rep in $(seq "$reps"); do
             fi
             log "$name on $b (rep $rep)"
             sock="$work/$b.sock"
-            if ! start_backend "$b" "$sock" "$q" "$work/$tag.backend.log"; then
+            # shellcheck disable=SC2046  # word splitting of the command is intended
+            if ! start_backend "$sock" "$work/$tag.backend.log" $(backend_cmd "$b" "$sock" "$q"); then
                 record "${common[@]}" error="backend did not start: $(tail -n 3 "$work/$tag.backend.log" | tr '\n' ' ')"
                 failed=1
                 continue
@@ -366,7 +344,8 @@ if [ "$strace_job" != none ]; then
     for b in "${backend_arr[@]}"; do
         [ "$b" = iscsi-perf ] && continue
         sock="$work/$b.sock"
-        start_backend "$b" "$sock" "$q" "$work/strace.$b.log" || { log "strace: $b did not start"; failed=1; continue; }
+        # shellcheck disable=SC2046  # word splitting of the command is intended
+        start_backend "$sock" "$work/strace.$b.log" $(backend_cmd "$b" "$sock" "$q") || { log "strace: $b did not start"; failed=1; continue; }
         log "strace: $strace_job on $b"
         strace -c -f -p "$backend_pid" -o "$work/strace.$b.txt" 2>/dev/null &
         st=$!

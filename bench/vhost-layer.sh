@@ -151,39 +151,14 @@ backend_cmd() {
     esac
 }
 
-# Starts backend $1 on socket $2, sets backend_pid; fails (returns 1) if it exits or its socket
-# does not appear within 10 s.
-start_backend() {
-    local b=$1 sock=$2 blog=$3
-    rm -f "$sock"
-    # shellcheck disable=SC2046  # word splitting of the command is intended
-    $(pin "$backend_cpus") $(backend_cmd "$b" "$sock") >"$blog" 2>&1 &
-    backend_pid=$!
-    local i
-    for i in $(seq 100); do
-        if [ -S "$sock" ]; then return 0; fi
-        if ! kill -0 "$backend_pid" 2>/dev/null; then
-            wait "$backend_pid" 2>/dev/null || true
-            backend_pid=
-            return 1
-        fi
-        sleep 0.1
-    done
-    return 1
-}
-
-stop_backend() {
-    if [ -n "$backend_pid" ]; then
-        kill "$backend_pid" 2>/dev/null || true
-        wait "$backend_pid" 2>/dev/null || true
-        backend_pid=
-    fi
-}
+# shellcheck source=bench/lib/backend.sh
+. "$here/lib/backend.sh"
 
 # --- preflight: every requested backend must start and serve I/O before anything is measured --
 for b in "${backend_arr[@]}"; do
     sock="$work/$b.sock"
-    if ! start_backend "$b" "$sock" "$work/$b.preflight.log"; then
+    # shellcheck disable=SC2046  # word splitting of the command is intended
+    if ! start_backend "$sock" "$work/$b.preflight.log" $(pin "$backend_cpus") $(backend_cmd "$b" "$sock"); then
         log "backend $b did not start; its output:"
         tail -n 20 "$work/$b.preflight.log" >&2 || true
         stop_backend
@@ -218,7 +193,8 @@ for rep in $(seq "$reps"); do
         for b in "${order[@]}"; do
             sock="$work/$b.sock"
             tag="$b.$q.$d.$rep"
-            if ! start_backend "$b" "$sock" "$work/$tag.backend.log"; then
+            # shellcheck disable=SC2046  # word splitting of the command is intended
+            if ! start_backend "$sock" "$work/$tag.backend.log" $(pin "$backend_cpus") $(backend_cmd "$b" "$sock"); then
                 python3 "$here/lib/report.py" record "$runs" backend="$b" job="$name" queues="$q" \
                     iodepth="$d" rep="$rep" error="backend did not start"
                 failed=1
