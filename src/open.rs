@@ -245,4 +245,8 @@ impl Target for ReadOnlyOverride {
     fn update_memory(&self, mem: &std::sync::Arc<crate::blk::buffer::GuestMemoryMmap>) {
         self.inner.update_memory(mem)
     }
+
+    fn set_notifier(&self, notifier: Arc<dyn crate::blk::target::DeviceNotifier>) {
+        self.inner.set_notifier(notifier)
+    }
 }

@@ -22,8 +22,8 @@ use super::sense::{classify, SenseAction, SenseData, UnitAttention};
 use super::status::ScsiStatus;
 use crate::blk::buffer::IoBuffers;
 use crate::blk::target::{
-    BlockOp, BlockRequest, BlockStatus, Completion, DeviceInfo, QueueTarget, RangeOpLimits, Target,
-    TargetError,
+    BlockOp, BlockRequest, BlockStatus, Completion, DeviceInfo, DeviceNotifier, QueueTarget,
+    RangeOpLimits, Target, TargetError,
 };
 use crate::iscsi::session::{ScsiOutcome, ScsiResult, Session, SessionError, SessionTimeouts};
 use crate::iscsi::task::{DataDir, ScsiCommandReq};
@@ -68,15 +68,25 @@ const RETRY_MAX_DELAY: Duration = Duration::from_secs(2);
 pub const TIMEOUTS_ENV: &str = "VHOST_ISER_TIMEOUTS";
 
 /// Capacity changes seen by the queues (unit attention 2A/09 followed by a
-/// new READ CAPACITY(16)). The backend polls [`CapacityWatch::take`] and
-/// raises a virtio config-change interrupt.
-#[derive(Default, Debug)]
+/// new READ CAPACITY(16)). Each queue's session gets its own unit attention;
+/// the first to read a new capacity tells the [`DeviceNotifier`] (the vhost
+/// layer, which raises a virtio config-change interrupt), the others find
+/// nothing new.
+#[derive(Default)]
 pub struct CapacityWatch {
     changed: AtomicBool,
     sectors: AtomicU64,
+    notifier: Mutex<Option<Arc<dyn DeviceNotifier>>>,
 }
 
 impl CapacityWatch {
+    fn new(sectors: u64) -> Self {
+        CapacityWatch {
+            sectors: AtomicU64::new(sectors),
+            ..Default::default()
+        }
+    }
+
     /// The new capacity in 512-byte sectors, once per change.
     pub fn take(&self) -> Option<u64> {
         self.changed
@@ -84,9 +94,24 @@ impl CapacityWatch {
             .then(|| self.sectors.load(Ordering::Acquire))
     }
 
+    /// The last capacity seen, in 512-byte sectors.
+    pub fn sectors(&self) -> u64 {
+        self.sectors.load(Ordering::Acquire)
+    }
+
     fn set(&self, sectors: u64) {
-        self.sectors.store(sectors, Ordering::Release);
+        if self.sectors.swap(sectors, Ordering::AcqRel) == sectors {
+            return;
+        }
         self.changed.store(true, Ordering::Release);
+        let notifier = self
+            .notifier
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(n) = notifier {
+            n.capacity_changed(sectors);
+        }
     }
 }
 
@@ -205,10 +230,10 @@ impl ScsiLun {
         );
         Ok(ScsiLun {
             factory,
-            info: Arc::new(info),
             first: Mutex::new(Some(session)),
             timeouts,
-            capacity: Arc::new(CapacityWatch::default()),
+            capacity: Arc::new(CapacityWatch::new(info.capacity_sectors)),
+            info: Arc::new(info),
         })
     }
 
@@ -291,6 +316,14 @@ impl Target for ScsiLun {
 
     fn update_memory(&self, mem: &Arc<crate::blk::buffer::GuestMemoryMmap>) {
         self.factory.update_memory(mem);
+    }
+
+    fn set_notifier(&self, notifier: Arc<dyn DeviceNotifier>) {
+        *self
+            .capacity
+            .notifier
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(notifier);
     }
 }
 
@@ -801,7 +834,7 @@ impl LunQueue {
                     "queue {}: {} now has {sectors} sectors (was {})",
                     self.index,
                     self.factory.describe(),
-                    self.info.capacity_sectors
+                    self.capacity.sectors()
                 );
                 self.capacity.set(sectors);
             }
