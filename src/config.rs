@@ -224,9 +224,60 @@ pub enum Command {
         #[arg(long)]
         raw: bool,
     },
+    /// Ask a portal which targets it offers (an iSCSI discovery session,
+    /// SendTargets=All) and print one "HOST:PORT,TPGT TARGET-NAME" line per
+    /// portal of each target.
+    Discover(DiscoverArgs),
     /// Print the manual page (roff) on standard output.
     #[command(hide = true)]
     Man,
+}
+
+/// `vhost-iser discover` options.
+#[derive(Args, Clone, Debug, Default, PartialEq)]
+pub struct DiscoverArgs {
+    /// The portal to ask (IPv6 in brackets; port 3260 when not given).
+    #[arg(long, value_name = "HOST[:PORT]")]
+    pub portal: String,
+
+    /// Our iSCSI initiator name [default: iqn.2026-11.io.vhost-iser:HOSTNAME].
+    #[arg(long, value_name = "IQN")]
+    pub initiator_name: Option<String>,
+
+    /// CHAP user name for the discovery session.
+    #[arg(long, value_name = "NAME", help_heading = "Authentication")]
+    pub chap_user: Option<String>,
+
+    /// File holding the CHAP secret [default: $VHOST_ISER_CHAP_SECRET]. Never on the command line.
+    #[arg(long, value_name = "FILE", help_heading = "Authentication")]
+    pub chap_secret_file: Option<PathBuf>,
+
+    /// Offer CHAP with SHA-256 before MD5.
+    #[arg(long, help_heading = "Authentication")]
+    pub chap_sha256: bool,
+
+    /// Mutual CHAP: the name the target must present.
+    #[arg(long, value_name = "NAME", help_heading = "Authentication")]
+    pub target_chap_user: Option<String>,
+
+    /// Mutual CHAP: file holding the target's secret [default: $VHOST_ISER_TARGET_CHAP_SECRET].
+    #[arg(long, value_name = "FILE", help_heading = "Authentication")]
+    pub target_chap_secret_file: Option<PathBuf>,
+}
+
+impl DiscoverArgs {
+    /// The login options of the discovery session.
+    pub fn open_options(&self) -> OpenOptions {
+        OpenOptions {
+            initiator_name: self.initiator_name.clone(),
+            chap_user: self.chap_user.clone(),
+            chap_secret_file: self.chap_secret_file.clone(),
+            target_chap_user: self.target_chap_user.clone(),
+            target_chap_secret_file: self.target_chap_secret_file.clone(),
+            chap_sha256: self.chap_sha256,
+            ..OpenOptions::default()
+        }
+    }
 }
 
 /// CRC32C digests to ask for at login.

@@ -183,6 +183,10 @@ pub enum TargetError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The target does not have the device asked for (a LUN it does not
+    /// report); the message names the target and what it has.
+    #[error("{0}")]
+    NotFound(String),
     /// The target could not be reached or set up.
     #[error("{context}")]
     Setup {

@@ -17,7 +17,8 @@ use log::{error, info, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::cdb::{self, RwFlags, UnmapDescriptor, WriteSameFlags};
-use super::disk::{split_range, LunInfo, LunProber, ProbeResult};
+use super::disk::{split_range, DiskError, LunInfo, LunProber, ProbeResult};
+use super::luns::Lun;
 use super::sense::{classify, SenseAction, SenseData, UnitAttention};
 use super::status::ScsiStatus;
 use crate::blk::buffer::IoBuffers;
@@ -37,6 +38,10 @@ pub trait SessionFactory: Send + Sync {
     fn lun(&self) -> u64;
     /// "iqn... lun N at host:port", for log lines.
     fn describe(&self) -> String;
+    /// "target iqn... on host:port", for messages about the target as a whole.
+    fn describe_target(&self) -> String {
+        self.describe()
+    }
     /// Guest memory changed: transports that register memory with a NIC
     /// (iSER) do it here, once per region.
     fn update_memory(&self, _mem: &Arc<crate::blk::buffer::GuestMemoryMmap>) {}
@@ -150,13 +155,13 @@ impl ScsiLun {
         let mut session = factory.open(0)?;
         session.set_timeouts(timeouts);
         let lun = factory.lun();
-        let mut prober = LunProber::new();
+        let mut prober = LunProber::checking_lun(Lun::from_encoded(lun));
         let mut tag = 0u64;
         while let Some(cmd) = prober.next_command() {
             tag += 1;
             let buf = Arc::new(IoBuffers::from_vec(vec![0u8; cmd.alloc_len as usize]));
             let mut req = ScsiCommandReq {
-                lun,
+                lun: if cmd.to_lun0 { 0 } else { lun },
                 cdb: cmd.cdb.padded(),
                 cdb_len: cmd.cdb.len() as u8,
                 dir: if cmd.alloc_len > 0 {
@@ -192,9 +197,14 @@ impl ScsiLun {
                     sense: sense.as_ref(),
                 })
             };
-            result.map_err(|e| TargetError::Setup {
-                context: format!("probing {} ({})", factory.describe(), cmd.step.name()),
-                source: Box::new(e),
+            result.map_err(|e| match e {
+                DiskError::NoSuchLun { .. } => {
+                    TargetError::NotFound(format!("{} {e}", factory.describe_target()))
+                }
+                e => TargetError::Setup {
+                    context: format!("probing {} ({})", factory.describe(), cmd.step.name()),
+                    source: Box::new(e),
+                },
             })?;
         }
         let mut info = prober.finish().map_err(|e| TargetError::Setup {
