@@ -934,7 +934,7 @@ mod tests {
             ProbeStep::ReadCapacity10 => TGTD_RC10,
             ProbeStep::ModeSense10 => return None, // tgtd 1.0.85 answers MODE SENSE(6) in the test
             ProbeStep::ModeSense6 => TGTD_MS6_CACHING,
-            ProbeStep::Vpd(_) => return None,
+            ProbeStep::Vpd(_) | ProbeStep::ReportLuns => return None,
         }))
     }
 
@@ -1186,6 +1186,59 @@ mod tests {
             p.complete(ProbeResult::Data(&[0; 10])),
             Err(DiskError::BadData { .. })
         ));
+    }
+
+    #[test]
+    fn report_luns_check() {
+        // tgtd with LUNs 0..=4 (see luns.rs), asked for LUN 1: listed, the
+        // probe goes on with TEST UNIT READY on the LUN itself.
+        const TGTD_LUNS: &str = "000000280000000000000000000000000001000000000000000200000000000000030000000000000004000000000000";
+        let mut p = LunProber::checking_lun(Lun::from_number(1).unwrap());
+        let cmd = p.next_command().unwrap();
+        assert_eq!(cmd.step, ProbeStep::ReportLuns);
+        assert!(cmd.to_lun0);
+        assert_eq!(cmd.cdb.as_bytes()[0], 0xa0);
+        p.complete(ProbeResult::Data(&unhex(TGTD_LUNS))).unwrap();
+        let cmd = p.next_command().unwrap();
+        assert_eq!(cmd.step, ProbeStep::TestUnitReady);
+        assert!(!cmd.to_lun0);
+
+        // LUN 7 is not there.
+        let mut p = LunProber::checking_lun(Lun::from_number(7).unwrap());
+        let err = p
+            .complete(ProbeResult::Data(&unhex(TGTD_LUNS)))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "has no LUN 7 (it reports LUNs 0, 1, 2, 3, 4)"
+        );
+
+        // A cut list is asked for again, whole.
+        let mut p = LunProber::checking_lun(Lun::from_number(4).unwrap());
+        p.current = Some((ProbeStep::ReportLuns, 16));
+        p.complete(ProbeResult::Data(&unhex(TGTD_LUNS)[..16]))
+            .unwrap();
+        assert_eq!(p.next_command().unwrap().alloc_len, 48);
+        p.complete(ProbeResult::Data(&unhex(TGTD_LUNS))).unwrap();
+        assert_eq!(p.next_command().unwrap().step, ProbeStep::TestUnitReady);
+
+        // Flat addressing of the same number counts as listed.
+        let mut p = LunProber::checking_lun(Lun([0x40, 0x03, 0, 0, 0, 0, 0, 0]));
+        p.complete(ProbeResult::Data(&unhex(TGTD_LUNS))).unwrap();
+
+        // A target that refuses REPORT LUNS is probed anyway.
+        let mut p = LunProber::checking_lun(Lun::from_number(9).unwrap());
+        p.complete(ProbeResult::Failed {
+            status: ScsiStatus::CheckCondition,
+            sense: Some(&sense("700005000000000a00000000200000000000")),
+        })
+        .unwrap();
+        assert_eq!(p.next_command().unwrap().step, ProbeStep::TestUnitReady);
+
+        assert_eq!(reported_list(&[]), "no LUNs");
+        assert_eq!(reported_list(&[Lun::from_number(0).unwrap()]), "LUN 0");
+        let many: Vec<Lun> = (0..20).map(|n| Lun::from_number(n).unwrap()).collect();
+        assert!(reported_list(&many).ends_with("15, ... (20 in all)"));
     }
 
     fn base_probe() -> LunProbe {
