@@ -173,7 +173,6 @@ fn man() -> ExitCode {
     }
 }
 
-/// "outer: inner: innermost" for a log line.
 /// `vhost-iser discover`: one "HOST:PORT,TPGT TARGET-NAME" line per portal.
 fn discover(args: &DiscoverArgs) -> ExitCode {
     init_logging(log::LevelFilter::Warn);
@@ -197,6 +196,7 @@ fn discover(args: &DiscoverArgs) -> ExitCode {
     }
 }
 
+/// "outer: inner: innermost" for a log line.
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();

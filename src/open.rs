@@ -122,11 +122,10 @@ pub fn open_target(spec: &str, opts: &OpenOptions) -> Result<Arc<dyn Target>, Ta
 /// over TCP) and SendTargets=All. Targets without a TargetAddress get the
 /// discovery portal.
 pub fn discover(portal: &str, opts: &OpenOptions) -> Result<Vec<DiscoveredTarget>, TargetError> {
-    let portal = parse_target_address(portal)
-        .map_err(|e| TargetError::BadTarget {
-            target: portal.to_string(),
-            reason: format!("{e}: expected HOST[:PORT]"),
-        })?;
+    let portal = parse_target_address(portal).map_err(|e| TargetError::BadTarget {
+        target: portal.to_string(),
+        reason: format!("{e}: expected HOST[:PORT]"),
+    })?;
     let addr = portal.socket_addr_string();
     let (chap, mutual_chap) = credentials(opts, None)?;
     let cfg = ConnectConfig {

@@ -47,16 +47,25 @@ fn guest_sees_the_disk_grow() {
     let run = support::vm::run_script(
         "run-guest.sh",
         &[
-            "--sock", sock, "--queues", "1", "--mem", "512", "--timeout", "180", "--", "env",
-            &trigger, "sh", "-c", GUEST,
+            "--sock",
+            sock,
+            "--queues",
+            "1",
+            "--mem",
+            "512",
+            "--timeout",
+            "180",
+            "--",
+            "env",
+            &trigger,
+            "sh",
+            "-c",
+            GUEST,
         ],
     );
     let text = run.text();
     let log = backend.log();
-    eprintln!(
-        "guest capacity change: wall {:.1}s",
-        run.wall.as_secs_f64()
-    );
+    eprintln!("guest capacity change: wall {:.1}s", run.wall.as_secs_f64());
     for l in text
         .lines()
         .filter(|l| l.contains("size-") || l.contains("capacity change"))
@@ -81,5 +90,8 @@ fn guest_sees_the_disk_grow() {
         log.contains("frontend set up a backend request channel"),
         "{log}"
     );
-    assert!(log.contains("frontend notified of the config change"), "{log}");
+    assert!(
+        log.contains("frontend notified of the config change"),
+        "{log}"
+    );
 }

@@ -13,8 +13,7 @@ use thiserror::Error;
 
 use super::login::LoginOutcome;
 use super::pdu::{
-    serial_lt, LogoutReason, LogoutRequest, TargetPdu, TextRequest, TextResponse, RESERVED_TAG,
-    U24,
+    serial_lt, LogoutReason, LogoutRequest, TargetPdu, TextRequest, TextResponse, RESERVED_TAG, U24,
 };
 use super::text::{self, TextAssembler, TextError};
 use crate::transport::{OutPdu, PduData, Transport, TransportError};
@@ -306,10 +305,7 @@ pub fn discover(
     const ITT: u32 = 1;
     let mut st = SendTargets::new(ITT, login.cmd_sn, login.exp_stat_sn);
     let (hdr, data) = st.request();
-    conn.send_blocking(
-        OutPdu::new(hdr.encode(), PduData::Owned(data)),
-        deadline,
-    )?;
+    conn.send_blocking(OutPdu::new(hdr.encode(), PduData::Owned(data)), deadline)?;
     let targets = loop {
         let pdu = conn.recv_blocking(deadline)?;
         let resp = match TargetPdu::decode(&pdu.bhs) {

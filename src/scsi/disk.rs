@@ -650,7 +650,10 @@ impl LunProber {
     pub fn checking_lun(lun: Lun) -> Self {
         let mut p = Self::new();
         p.queue.push_front(ProbeStep::TestUnitReady);
-        p.current = Some((ProbeStep::ReportLuns, Self::alloc_for(ProbeStep::ReportLuns)));
+        p.current = Some((
+            ProbeStep::ReportLuns,
+            Self::alloc_for(ProbeStep::ReportLuns),
+        ));
         p.lun = Some(lun);
         p
     }
@@ -745,9 +748,10 @@ impl LunProber {
                 if let Some(lun) = self.lun {
                     // A target may list its LUNs in another addressing
                     // method than ours (flat space for small numbers).
-                    let listed = r.luns.iter().any(|l| {
-                        *l == lun || (l.number().is_some() && l.number() == lun.number())
-                    });
+                    let listed = r
+                        .luns
+                        .iter()
+                        .any(|l| *l == lun || (l.number().is_some() && l.number() == lun.number()));
                     if !listed && r.complete {
                         return Err(DiskError::NoSuchLun {
                             lun,
