@@ -79,30 +79,14 @@ pub fn open_target(spec: &str, opts: &OpenOptions) -> Result<Arc<dyn Target>, Ta
     } else {
         None
     };
-    let (chap, mutual_chap) = credentials(opts, url.user.clone())?;
     let mut portals = vec![url.portal()];
     portals.extend(opts.extra_portals.iter().cloned());
-    let cfg = ConnectConfig {
-        portals,
-        target_name: url.target.clone(),
-        initiator_name: opts
-            .initiator_name
-            .clone()
-            .unwrap_or_else(default_initiator_name),
-        chap,
-        mutual_chap,
-        chap_algorithms: chap_algorithms(opts),
-        params: match &iser {
-            Some(_) => iser_params(opts.params.clone().unwrap_or_default()),
-            None => opts.params.clone().unwrap_or_default(),
-        },
-        login_timeout: login_timeout(opts),
-        dial: match &iser {
-            Some(registry) => iser_dialer(registry.clone()),
-            None => tcp_dialer(),
-        },
-        iser: iser.is_some(),
-    };
+    let mut cfg = connect_config(opts, portals, url.target.clone(), url.user.clone())?;
+    if let Some(registry) = &iser {
+        cfg.params = iser_params(cfg.params);
+        cfg.dial = iser_dialer(registry.clone());
+        cfg.iser = true;
+    }
     let connector = Connector::new(cfg).map_err(|e| setup("preparing the login", Box::new(e)))?;
     let factory = Arc::new(IscsiSessions {
         describe: format!("{} lun {} at {}", url.target, url.lun, url.portal()),
@@ -127,22 +111,7 @@ pub fn discover(portal: &str, opts: &OpenOptions) -> Result<Vec<DiscoveredTarget
         reason: format!("{e}: expected HOST[:PORT]"),
     })?;
     let addr = portal.socket_addr_string();
-    let (chap, mutual_chap) = credentials(opts, None)?;
-    let cfg = ConnectConfig {
-        portals: vec![addr.clone()],
-        target_name: String::new(),
-        initiator_name: opts
-            .initiator_name
-            .clone()
-            .unwrap_or_else(default_initiator_name),
-        chap,
-        mutual_chap,
-        chap_algorithms: chap_algorithms(opts),
-        params: opts.params.clone().unwrap_or_default(),
-        login_timeout: login_timeout(opts),
-        dial: tcp_dialer(),
-        iser: false,
-    };
+    let cfg = connect_config(opts, vec![addr.clone()], String::new(), None)?;
     let failed = |e: Box<dyn std::error::Error + Send + Sync>| TargetError::Setup {
         context: format!("discovery at {addr}"),
         source: e,
@@ -169,12 +138,34 @@ fn setup(what: &str, e: Box<dyn std::error::Error + Send + Sync>) -> TargetError
     }
 }
 
-fn chap_algorithms(opts: &OpenOptions) -> Vec<ChapAlgorithm> {
-    if opts.chap_sha256 {
-        vec![ChapAlgorithm::Sha256, ChapAlgorithm::Md5]
-    } else {
-        vec![ChapAlgorithm::Md5]
-    }
+/// The login settings over TCP (iSER adjusts params, dial and iser);
+/// `url_user`: the `user@` of a target URL.
+fn connect_config(
+    opts: &OpenOptions,
+    portals: Vec<String>,
+    target_name: String,
+    url_user: Option<String>,
+) -> Result<ConnectConfig, TargetError> {
+    let (chap, mutual_chap) = credentials(opts, url_user)?;
+    Ok(ConnectConfig {
+        portals,
+        target_name,
+        initiator_name: opts
+            .initiator_name
+            .clone()
+            .unwrap_or_else(default_initiator_name),
+        chap,
+        mutual_chap,
+        chap_algorithms: if opts.chap_sha256 {
+            vec![ChapAlgorithm::Sha256, ChapAlgorithm::Md5]
+        } else {
+            vec![ChapAlgorithm::Md5]
+        },
+        params: opts.params.clone().unwrap_or_default(),
+        login_timeout: login_timeout(opts),
+        dial: tcp_dialer(),
+        iser: false,
+    })
 }
 
 fn login_timeout(opts: &OpenOptions) -> Duration {
@@ -182,7 +173,7 @@ fn login_timeout(opts: &OpenOptions) -> Duration {
 }
 
 /// CHAP and mutual CHAP from the options (secrets from files or the
-/// environment); `url_user`: the `user@` of a target URL.
+/// environment).
 fn credentials(
     opts: &OpenOptions,
     url_user: Option<String>,

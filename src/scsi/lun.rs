@@ -9,7 +9,7 @@
 //! buffers.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -79,7 +79,6 @@ pub const TIMEOUTS_ENV: &str = "VHOST_ISER_TIMEOUTS";
 /// nothing new.
 #[derive(Default)]
 pub struct CapacityWatch {
-    changed: AtomicBool,
     sectors: AtomicU64,
     notifier: Mutex<Option<Arc<dyn DeviceNotifier>>>,
 }
@@ -92,13 +91,6 @@ impl CapacityWatch {
         }
     }
 
-    /// The new capacity in 512-byte sectors, once per change.
-    pub fn take(&self) -> Option<u64> {
-        self.changed
-            .swap(false, Ordering::AcqRel)
-            .then(|| self.sectors.load(Ordering::Acquire))
-    }
-
     /// The last capacity seen, in 512-byte sectors.
     pub fn sectors(&self) -> u64 {
         self.sectors.load(Ordering::Acquire)
@@ -108,7 +100,6 @@ impl CapacityWatch {
         if self.sectors.swap(sectors, Ordering::AcqRel) == sectors {
             return;
         }
-        self.changed.store(true, Ordering::Release);
         let notifier = self
             .notifier
             .lock()
