@@ -49,6 +49,9 @@ Examples:
   Counters of a running instance:
     vhost-iser stats --metrics unix:/run/vm1-disk.metrics
 
+  The targets a portal offers (one \"HOST:PORT,TPGT NAME\" line each):
+    vhost-iser discover --portal 192.0.2.10
+
   The QEMU side (guest RAM must be shared):
     qemu-system-x86_64 ... \\
         -object memory-backend-memfd,id=mem,size=4G,share=on -numa node,memdev=mem \\
@@ -89,7 +92,17 @@ const MAN_SECTIONS: &[(&str, &str)] = &[
         "SUBCOMMANDS",
         "vhost-iser stats --metrics ADDR [--raw]
     Prints the counters of a running instance (its --metrics address) as a
-    table; --raw prints the Prometheus text as received.",
+    table; --raw prints the Prometheus text as received.
+
+vhost-iser discover --portal HOST[:PORT] [--initiator-name IQN]
+        [--chap-user NAME] [--chap-secret-file FILE] [--chap-sha256]
+        [--target-chap-user NAME] [--target-chap-secret-file FILE]
+    Logs in a discovery session at the portal (TCP, port 3260 by default),
+    asks SendTargets=All and prints one line per portal of each target the
+    initiator may use: HOST:PORT,TPGT TARGET-NAME. CHAP secrets come from
+    files or the environment as for serving. Exit status 1 when the portal
+    cannot be reached, refuses the login or answers nonsense; 2 for a
+    malformed --portal.",
     ),
     (
         "CONFIGURATION FILE",
@@ -140,6 +153,18 @@ above. RUST_LOG (env_logger syntax) overrides --log-level.",
         "VHOST_ISER_CHAP_SECRET           the CHAP secret, when no --chap-secret-file
 VHOST_ISER_TARGET_CHAP_SECRET    the mutual CHAP secret, when no --target-chap-secret-file
 RUST_LOG                         log filter (overrides --log-level)",
+    ),
+    (
+        "DEVICE CHANGES",
+        "At start-up REPORT LUNS (to LUN 0) checks that the URL's LUN exists; if
+not, vhost-iser exits with status 1 and one line naming the target, the
+portal and the LUNs it has. A LUN that grows or shrinks while served
+answers a command with UNIT ATTENTION 2A/09 (capacity data has changed):
+vhost-iser re-reads the capacity, serves the new size, and when the
+front-end set up the back-end request channel (QEMU does:
+VHOST_USER_PROTOCOL_F_BACKEND_REQ) sends it a config-change notice, so the
+guest sees the new size at once (Linux logs \"detected capacity change\").
+Without that channel the guest sees it when it next reads the config space.",
     ),
     (
         "SIGNALS",
@@ -224,9 +249,60 @@ pub enum Command {
         #[arg(long)]
         raw: bool,
     },
+    /// Ask a portal which targets it offers (an iSCSI discovery session,
+    /// SendTargets=All) and print one "HOST:PORT,TPGT TARGET-NAME" line per
+    /// portal of each target.
+    Discover(DiscoverArgs),
     /// Print the manual page (roff) on standard output.
     #[command(hide = true)]
     Man,
+}
+
+/// `vhost-iser discover` options.
+#[derive(Args, Clone, Debug, Default, PartialEq)]
+pub struct DiscoverArgs {
+    /// The portal to ask (IPv6 in brackets; port 3260 when not given).
+    #[arg(long, value_name = "HOST[:PORT]")]
+    pub portal: String,
+
+    /// Our iSCSI initiator name [default: iqn.2026-11.io.vhost-iser:HOSTNAME].
+    #[arg(long, value_name = "IQN")]
+    pub initiator_name: Option<String>,
+
+    /// CHAP user name for the discovery session.
+    #[arg(long, value_name = "NAME", help_heading = "Authentication")]
+    pub chap_user: Option<String>,
+
+    /// File holding the CHAP secret [default: $VHOST_ISER_CHAP_SECRET]. Never on the command line.
+    #[arg(long, value_name = "FILE", help_heading = "Authentication")]
+    pub chap_secret_file: Option<PathBuf>,
+
+    /// Offer CHAP with SHA-256 before MD5.
+    #[arg(long, help_heading = "Authentication")]
+    pub chap_sha256: bool,
+
+    /// Mutual CHAP: the name the target must present.
+    #[arg(long, value_name = "NAME", help_heading = "Authentication")]
+    pub target_chap_user: Option<String>,
+
+    /// Mutual CHAP: file holding the target's secret [default: $VHOST_ISER_TARGET_CHAP_SECRET].
+    #[arg(long, value_name = "FILE", help_heading = "Authentication")]
+    pub target_chap_secret_file: Option<PathBuf>,
+}
+
+impl DiscoverArgs {
+    /// The login options of the discovery session.
+    pub fn open_options(&self) -> OpenOptions {
+        OpenOptions {
+            initiator_name: self.initiator_name.clone(),
+            chap_user: self.chap_user.clone(),
+            chap_secret_file: self.chap_secret_file.clone(),
+            target_chap_user: self.target_chap_user.clone(),
+            target_chap_secret_file: self.target_chap_secret_file.clone(),
+            chap_sha256: self.chap_sha256,
+            ..OpenOptions::default()
+        }
+    }
 }
 
 /// CRC32C digests to ask for at login.

@@ -11,9 +11,9 @@ use log::{error, info, warn};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use vhost_iser::config::{Cli, Command, Options};
+use vhost_iser::config::{Cli, Command, DiscoverArgs, Options};
 use vhost_iser::metrics::{self, MetricsAddr, MetricsServer};
-use vhost_iser::open::open_target;
+use vhost_iser::open::{discover as discover_targets, open_target};
 use vhost_iser::vhost::backend::{serve, BlkBackend};
 
 fn main() -> ExitCode {
@@ -21,6 +21,7 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Stats { metrics, raw }) => return stats(&metrics, raw),
         Some(Command::Man) => return man(),
+        Some(Command::Discover(args)) => return discover(&args),
         None => {}
     }
     let opts = match cli.serve.resolve() {
@@ -168,6 +169,29 @@ fn man() -> ExitCode {
         Err(e) => {
             eprintln!("vhost-iser: cannot write the manual page: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `vhost-iser discover`: one "HOST:PORT,TPGT TARGET-NAME" line per portal.
+fn discover(args: &DiscoverArgs) -> ExitCode {
+    init_logging(log::LevelFilter::Warn);
+    match discover_targets(&args.portal, &args.open_options()) {
+        Ok(targets) => {
+            let mut out = std::io::stdout().lock();
+            for t in &targets {
+                for p in &t.portals {
+                    if writeln!(out, "{p} {}", t.name).is_err() {
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("vhost-iser: {}", error_chain(&e));
+            let usage = matches!(e, vhost_iser::blk::target::TargetError::BadTarget { .. });
+            ExitCode::from(if usage { 2 } else { 1 })
         }
     }
 }

@@ -8,6 +8,7 @@ use crate::blk::mem::MemTarget;
 use crate::blk::target::{Target, TargetError};
 use crate::iscsi::chap::{ChapAlgorithm, ChapCredentials, ChapSecret};
 use crate::iscsi::connect::{tcp_dialer, ConnectConfig, Connector, Dialer};
+use crate::iscsi::discovery::{parse_target_address, DiscoveredTarget};
 use crate::iscsi::login::MutualChap;
 use crate::iscsi::params::{IserOffer, ParamOffer};
 use crate::iscsi::session::Session;
@@ -78,11 +79,106 @@ pub fn open_target(spec: &str, opts: &OpenOptions) -> Result<Arc<dyn Target>, Ta
     } else {
         None
     };
-    let setup = |what: &str, e: Box<dyn std::error::Error + Send + Sync>| TargetError::Setup {
-        context: what.to_string(),
+    let mut portals = vec![url.portal()];
+    portals.extend(opts.extra_portals.iter().cloned());
+    let mut cfg = connect_config(opts, portals, url.target.clone(), url.user.clone())?;
+    if let Some(registry) = &iser {
+        cfg.params = iser_params(cfg.params);
+        cfg.dial = iser_dialer(registry.clone());
+        cfg.iser = true;
+    }
+    let connector = Connector::new(cfg).map_err(|e| setup("preparing the login", Box::new(e)))?;
+    let factory = Arc::new(IscsiSessions {
+        describe: format!("{} lun {} at {}", url.target, url.lun, url.portal()),
+        describe_target: format!("target {} on {}", url.target, url.portal()),
+        lun: url.lun_wire(),
+        connector,
+        memory: iser,
+    });
+    let lun = ScsiLun::open(factory, opts.timeouts)?;
+    Ok(Arc::new(ReadOnlyOverride {
+        inner: lun,
+        read_only: opts.read_only,
+    }))
+}
+
+/// `vhost-iser discover`: a discovery session at `portal` (HOST[:PORT],
+/// over TCP) and SendTargets=All. Targets without a TargetAddress get the
+/// discovery portal.
+pub fn discover(portal: &str, opts: &OpenOptions) -> Result<Vec<DiscoveredTarget>, TargetError> {
+    let portal = parse_target_address(portal).map_err(|e| TargetError::BadTarget {
+        target: portal.to_string(),
+        reason: format!("{e}: expected HOST[:PORT]"),
+    })?;
+    let addr = portal.socket_addr_string();
+    let cfg = connect_config(opts, vec![addr.clone()], String::new(), None)?;
+    let failed = |e: Box<dyn std::error::Error + Send + Sync>| TargetError::Setup {
+        context: format!("discovery at {addr}"),
         source: e,
     };
-    let user = opts.chap_user.clone().or(url.user.clone());
+    let connector = Connector::new(cfg).map_err(|e| failed(Box::new(e)))?;
+    let (mut conn, login) = connector
+        .discovery_login(&addr)
+        .map_err(|e| failed(Box::new(e)))?;
+    let deadline = std::time::Instant::now() + login_timeout(opts);
+    let mut targets = crate::iscsi::discovery::discover(conn.as_mut(), &login, deadline)
+        .map_err(|e| failed(Box::new(e)))?;
+    for t in &mut targets {
+        if t.portals.is_empty() {
+            t.portals.push(portal.clone());
+        }
+    }
+    Ok(targets)
+}
+
+fn setup(what: &str, e: Box<dyn std::error::Error + Send + Sync>) -> TargetError {
+    TargetError::Setup {
+        context: what.to_string(),
+        source: e,
+    }
+}
+
+/// The login settings over TCP (iSER adjusts params, dial and iser);
+/// `url_user`: the `user@` of a target URL.
+fn connect_config(
+    opts: &OpenOptions,
+    portals: Vec<String>,
+    target_name: String,
+    url_user: Option<String>,
+) -> Result<ConnectConfig, TargetError> {
+    let (chap, mutual_chap) = credentials(opts, url_user)?;
+    Ok(ConnectConfig {
+        portals,
+        target_name,
+        initiator_name: opts
+            .initiator_name
+            .clone()
+            .unwrap_or_else(default_initiator_name),
+        chap,
+        mutual_chap,
+        chap_algorithms: if opts.chap_sha256 {
+            vec![ChapAlgorithm::Sha256, ChapAlgorithm::Md5]
+        } else {
+            vec![ChapAlgorithm::Md5]
+        },
+        params: opts.params.clone().unwrap_or_default(),
+        login_timeout: login_timeout(opts),
+        dial: tcp_dialer(),
+        iser: false,
+    })
+}
+
+fn login_timeout(opts: &OpenOptions) -> Duration {
+    opts.login_timeout.unwrap_or(Duration::from_secs(15))
+}
+
+/// CHAP and mutual CHAP from the options (secrets from files or the
+/// environment).
+fn credentials(
+    opts: &OpenOptions,
+    url_user: Option<String>,
+) -> Result<(Option<ChapCredentials>, Option<MutualChap>), TargetError> {
+    let user = opts.chap_user.clone().or(url_user);
     let chap = match user {
         Some(username) => {
             let secret = match &opts.chap_secret_file {
@@ -110,45 +206,7 @@ pub fn open_target(spec: &str, opts: &OpenOptions) -> Result<Arc<dyn Target>, Ta
     } else {
         None
     };
-    let mut portals = vec![url.portal()];
-    portals.extend(opts.extra_portals.iter().cloned());
-    let cfg = ConnectConfig {
-        portals,
-        target_name: url.target.clone(),
-        initiator_name: opts
-            .initiator_name
-            .clone()
-            .unwrap_or_else(default_initiator_name),
-        chap,
-        mutual_chap,
-        chap_algorithms: if opts.chap_sha256 {
-            vec![ChapAlgorithm::Sha256, ChapAlgorithm::Md5]
-        } else {
-            vec![ChapAlgorithm::Md5]
-        },
-        params: match &iser {
-            Some(_) => iser_params(opts.params.clone().unwrap_or_default()),
-            None => opts.params.clone().unwrap_or_default(),
-        },
-        login_timeout: opts.login_timeout.unwrap_or(Duration::from_secs(15)),
-        dial: match &iser {
-            Some(registry) => iser_dialer(registry.clone()),
-            None => tcp_dialer(),
-        },
-        iser: iser.is_some(),
-    };
-    let connector = Connector::new(cfg).map_err(|e| setup("preparing the login", Box::new(e)))?;
-    let factory = Arc::new(IscsiSessions {
-        describe: format!("{} lun {} at {}", url.target, url.lun, url.portal()),
-        lun: url.lun_wire(),
-        connector,
-        memory: iser,
-    });
-    let lun = ScsiLun::open(factory, opts.timeouts)?;
-    Ok(Arc::new(ReadOnlyOverride {
-        inner: lun,
-        read_only: opts.read_only,
-    }))
+    Ok((chap, mutual_chap))
 }
 
 /// iSER: the operational parameters we propose. Control-type PDUs (login,
@@ -189,6 +247,7 @@ struct IscsiSessions {
     connector: Connector,
     lun: u64,
     describe: String,
+    describe_target: String,
     /// iSER: guest memory registrations shared by the sessions.
     memory: Option<Arc<GuestMemoryRegistration>>,
 }
@@ -207,6 +266,10 @@ impl SessionFactory for IscsiSessions {
 
     fn describe(&self) -> String {
         self.describe.clone()
+    }
+
+    fn describe_target(&self) -> String {
+        self.describe_target.clone()
     }
 
     fn update_memory(&self, mem: &Arc<crate::blk::buffer::GuestMemoryMmap>) {
@@ -244,5 +307,9 @@ impl Target for ReadOnlyOverride {
 
     fn update_memory(&self, mem: &std::sync::Arc<crate::blk::buffer::GuestMemoryMmap>) {
         self.inner.update_memory(mem)
+    }
+
+    fn set_notifier(&self, notifier: Arc<dyn crate::blk::target::DeviceNotifier>) {
+        self.inner.set_notifier(notifier)
     }
 }

@@ -356,3 +356,77 @@ fn target_loss_fails_io_instead_of_hanging() {
     assert!(started.elapsed() < std::time::Duration::from_secs(30));
     assert!(backend.log().contains("connection to"), "{}", backend.log());
 }
+
+/// `vhost-iser discover`: a discovery session and SendTargets against tgtd
+/// lists every target the initiator may log in to, one machine-readable
+/// "HOST:PORT,TPGT NAME" line per portal.
+#[test]
+fn discover_lists_the_tgtd_targets() {
+    let mut t = Tgtd::start();
+    let a = t.create_target("iqn.2026-11.vhost-iser.test:disc-a");
+    let b = t.create_target("iqn.2026-11.vhost-iser.test:disc-b");
+    t.add_lun(a, 1, Backing::File(1 << 20)).unwrap();
+    t.add_lun(b, 1, Backing::File(1 << 20)).unwrap();
+    t.bind_all(a);
+    t.bind_all(b);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vhost-iser"))
+        .args(["discover", "--portal", &t.portal()])
+        .output()
+        .expect("run vhost-iser discover");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    eprint!("{stdout}");
+    let mut lines: Vec<&str> = stdout.lines().collect();
+    lines.sort();
+    let portal = t.portal();
+    assert_eq!(
+        lines,
+        vec![
+            format!("{portal},1 iqn.2026-11.vhost-iser.test:disc-a"),
+            format!("{portal},1 iqn.2026-11.vhost-iser.test:disc-b"),
+        ],
+        "stderr: {stderr}"
+    );
+}
+
+/// Nothing listens on the portal: one error line and exit status 1.
+#[test]
+fn discover_fails_clearly_without_a_target() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vhost-iser"))
+        .args(["discover", "--portal", &format!("127.0.0.1:{port}")])
+        .output()
+        .expect("run vhost-iser discover");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(out.stdout.is_empty());
+    assert!(
+        stderr.contains(&format!("discovery at 127.0.0.1:{port}")),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+}
+
+/// A URL naming a LUN the target does not have: REPORT LUNS at start-up
+/// turns it into one clear line and exit status 1.
+#[test]
+fn missing_lun_is_one_clear_error() {
+    let (t, tid, _file) = target_with_lun(1 << 20);
+    let url = t.url(tid, 5);
+    let mut b = Backend::spawn(&["--target", &url], &[]);
+    let st = b.wait_exit(30);
+    assert_eq!(st.code(), Some(1), "log:\n{}", b.log());
+    let want = format!(
+        "target iqn.2026-11.vhost-iser.test:disk on {} has no LUN 5 (it reports LUNs 0, 1)",
+        t.portal()
+    );
+    let log = b.log();
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains(" ERROR ")).collect();
+    assert_eq!(errors.len(), 1, "{log}");
+    assert!(errors[0].ends_with(&want), "{log}");
+    eprintln!("{}", errors[0]);
+}

@@ -103,6 +103,12 @@ pub fn config_space(
     c
 }
 
+/// Puts `sectors` into the `capacity` field of a config space from
+/// [`config_space`] (the capacity can change after start).
+pub fn set_capacity(space: &mut [u8; CONFIG_LEN], sectors: u64) {
+    space[0..8].copy_from_slice(&sectors.to_le_bytes());
+}
+
 /// Answers GET_CONFIG: the requested window, zero-padded past our fields.
 pub fn read_window(space: &[u8], offset: u32, size: u32) -> Vec<u8> {
     let mut out = vec![0u8; size as usize];
@@ -138,6 +144,10 @@ mod tests {
         assert_eq!(u16::from_le_bytes(c[34..36].try_into().unwrap()), 4);
         assert_eq!(u32::from_le_bytes(c[36..40].try_into().unwrap()), 8192);
         assert_eq!(u32::from_le_bytes(c[44..48].try_into().unwrap()), 8);
+        let mut grown = c;
+        set_capacity(&mut grown, 4194304);
+        assert_eq!(read_window(&grown, 0, 8), 4194304u64.to_le_bytes());
+        assert_eq!(grown[8..], c[8..]);
         let f = device_features(&info, 4);
         assert!(f & (1 << VIRTIO_BLK_F_DISCARD) != 0);
         assert!(f & (1 << VIRTIO_BLK_F_WRITE_ZEROES) == 0);

@@ -15,7 +15,7 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend};
 
 use super::buffer::{GuestMemoryMmap, IoBuffers};
-use super::target::{BlockOp, BlockRequest, SectorRange};
+use super::target::{BlockOp, BlockRequest, SectorRange, SharedCapacity};
 
 /// VIRTIO_BLK_T_IN: read.
 pub const VIRTIO_BLK_T_IN: u32 = 0;
@@ -49,8 +49,8 @@ const RANGE_FLAG_UNMAP: u32 = 1;
 /// What the device allows: the request checks use these.
 #[derive(Clone, Debug)]
 pub struct RequestLimits {
-    /// Capacity in 512-byte sectors.
-    pub capacity_sectors: u64,
+    /// Capacity in 512-byte sectors (changes when the target's does).
+    pub capacity_sectors: SharedCapacity,
     /// Largest number of data descriptors (SEG_MAX).
     pub seg_max: u32,
     /// Writes are refused.
@@ -368,12 +368,13 @@ fn parse_body(
             return Err(RequestError::UnalignedLength(bytes));
         }
         let count = bytes / 512;
+        let capacity = limits.capacity_sectors.get();
         match sector.checked_add(count) {
-            Some(end) if end <= limits.capacity_sectors => Ok(()),
+            Some(end) if end <= capacity => Ok(()),
             _ => Err(RequestError::OutOfRange {
                 sector,
                 count,
-                capacity: limits.capacity_sectors,
+                capacity,
             }),
         }
     };
@@ -499,7 +500,7 @@ mod tests {
 
     fn limits() -> RequestLimits {
         RequestLimits {
-            capacity_sectors: 2048,
+            capacity_sectors: SharedCapacity::new(2048),
             seg_max: 8,
             read_only: false,
             discard: Some((1024, 4)),

@@ -10,6 +10,7 @@
 //! between queues.
 
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use thiserror::Error;
@@ -74,6 +75,38 @@ impl DeviceInfo {
             serial: Vec::new(),
         }
     }
+}
+
+/// The device's capacity in 512-byte sectors, shared by the config space and
+/// the request checks so a change shows in both at once.
+#[derive(Clone, Debug, Default)]
+pub struct SharedCapacity(Arc<AtomicU64>);
+
+impl SharedCapacity {
+    /// A capacity of `sectors`.
+    pub fn new(sectors: u64) -> Self {
+        SharedCapacity(Arc::new(AtomicU64::new(sectors)))
+    }
+
+    /// The current capacity.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// Sets the capacity; returns the previous one.
+    pub fn set(&self, sectors: u64) -> u64 {
+        self.0.swap(sectors, Ordering::AcqRel)
+    }
+}
+
+/// Told by a target when its device changes under the guest. The vhost layer
+/// hands one to the target ([`Target::set_notifier`]); it updates the config
+/// space and asks the frontend to raise a virtio config-change interrupt.
+pub trait DeviceNotifier: Send + Sync {
+    /// The device now has `capacity_sectors` 512-byte sectors. Called from any
+    /// thread (a queue's, typically), once per change; it must not block on
+    /// the queues.
+    fn capacity_changed(&self, capacity_sectors: u64);
 }
 
 /// A range of sectors, for discard and write-zeroes.
@@ -150,6 +183,10 @@ pub enum TargetError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The target does not have the device asked for (a LUN it does not
+    /// report); the message names the target and what it has.
+    #[error("{0}")]
+    NotFound(String),
     /// The target could not be reached or set up.
     #[error("{context}")]
     Setup {
@@ -197,4 +234,9 @@ pub trait Target: Send + Sync {
     /// Guest memory changed (regions added or removed): targets that register
     /// memory with a NIC do it here, once per region, not per I/O.
     fn update_memory(&self, _mem: &Arc<GuestMemoryMmap>) {}
+
+    /// Where to report device changes (a capacity change seen by a queue).
+    /// Called once, before the queues are opened. Targets whose device
+    /// cannot change ignore it.
+    fn set_notifier(&self, _notifier: Arc<dyn DeviceNotifier>) {}
 }

@@ -8,7 +8,8 @@ use thiserror::Error;
 
 use super::chap::ChapCredentials;
 use super::login::{
-    LoginConfig, LoginError, LoginNegotiator, LoginPdu, LoginStep, LoginTarget, MutualChap,
+    LoginConfig, LoginError, LoginNegotiator, LoginOutcome, LoginPdu, LoginStep, LoginTarget,
+    MutualChap,
 };
 use super::params::ParamOffer;
 use super::pdu::TargetPdu;
@@ -178,17 +179,72 @@ impl Connector {
         })
     }
 
+    /// Logs in a discovery session at `portal` (following redirects) and
+    /// returns its connection in full feature phase, for SendTargets.
+    pub fn discovery_login(
+        &self,
+        portal: &str,
+    ) -> Result<(Box<dyn Transport>, LoginOutcome), ConnectError> {
+        let mut at = portal.to_string();
+        for _ in 0..=MAX_REDIRECTS {
+            match self.login_raw(&at, self.isid_base, LoginTarget::Discovery)? {
+                RawLogin::Done(conn, outcome) => return Ok((conn, outcome)),
+                RawLogin::Redirect(to) => {
+                    info!("discovery login to {at}: redirected to {to}");
+                    at = to;
+                }
+            }
+        }
+        Err(ConnectError::TooManyRedirects {
+            portal: portal.to_string(),
+        })
+    }
+
     fn login_once(&self, portal: &str, isid: [u8; 6]) -> Result<LoginResult, ConnectError> {
+        let target = LoginTarget::Normal {
+            target_name: self.cfg.target_name.clone(),
+        };
+        let (conn, outcome) = match self.login_raw(portal, isid, target)? {
+            RawLogin::Done(conn, outcome) => (conn, outcome),
+            RawLogin::Redirect(to) => return Ok(LoginResult::Redirect(to)),
+        };
+        info!(
+            "logged in to {} at {portal}{} (TSIH {:#06x}, MaxBurstLength {}, ImmediateData {}, InitialR2T {}{})",
+            self.cfg.target_name,
+            if outcome.chap_used { " with CHAP" } else { "" },
+            outcome.tsih,
+            outcome.params.max_burst_length,
+            if outcome.params.immediate_data { "Yes" } else { "No" },
+            if outcome.params.initial_r2t { "Yes" } else { "No" },
+            match (
+                outcome.params.header_digest == super::params::DigestKind::Crc32c,
+                outcome.params.data_digest == super::params::DigestKind::Crc32c
+            ) {
+                (true, true) => ", header digest, data digest",
+                (true, false) => ", header digest",
+                (false, true) => ", data digest",
+                _ => "",
+            },
+        );
+        let start = SessionStart {
+            cmd_sn: outcome.cmd_sn,
+            exp_stat_sn: outcome.exp_stat_sn,
+            max_cmd_sn: outcome.max_cmd_sn,
+        };
+        let session = Session::new(conn, outcome.params, start);
+        Ok(LoginResult::Session(Box::new(session)))
+    }
+
+    /// One login exchange on a new connection to `portal`.
+    fn login_raw(
+        &self,
+        portal: &str,
+        isid: [u8; 6],
+        target: LoginTarget,
+    ) -> Result<RawLogin, ConnectError> {
         let deadline = Instant::now() + self.cfg.login_timeout;
         let mut conn = (self.cfg.dial)(portal, self.cfg.login_timeout)?;
-        let mut lc = LoginConfig::new(
-            portal,
-            &self.cfg.initiator_name,
-            LoginTarget::Normal {
-                target_name: self.cfg.target_name.clone(),
-            },
-            isid,
-        );
+        let mut lc = LoginConfig::new(portal, &self.cfg.initiator_name, target, isid);
         lc.chap = self.cfg.chap.clone();
         lc.chap_algorithms = self.cfg.chap_algorithms.clone();
         lc.mutual_chap = self.cfg.mutual_chap.clone();
@@ -205,40 +261,14 @@ impl Connector {
             })?;
             match neg.on_pdu(&decoded, &resp.data)? {
                 LoginStep::Send(next) => pdu = next,
-                LoginStep::Done(outcome) => {
-                    info!(
-                        "logged in to {} at {portal}{} (TSIH {:#06x}, MaxBurstLength {}, ImmediateData {}, InitialR2T {}{})",
-                        self.cfg.target_name,
-                        if outcome.chap_used { " with CHAP" } else { "" },
-                        outcome.tsih,
-                        outcome.params.max_burst_length,
-                        if outcome.params.immediate_data { "Yes" } else { "No" },
-                        if outcome.params.initial_r2t { "Yes" } else { "No" },
-                        match (
-                            outcome.params.header_digest == super::params::DigestKind::Crc32c,
-                            outcome.params.data_digest == super::params::DigestKind::Crc32c
-                        ) {
-                            (true, true) => ", header digest, data digest",
-                            (true, false) => ", header digest",
-                            (false, true) => ", data digest",
-                            _ => "",
-                        },
-                    );
-                    let start = SessionStart {
-                        cmd_sn: outcome.cmd_sn,
-                        exp_stat_sn: outcome.exp_stat_sn,
-                        max_cmd_sn: outcome.max_cmd_sn,
-                    };
-                    let session = Session::new(conn, outcome.params, start);
-                    return Ok(LoginResult::Session(Box::new(session)));
-                }
+                LoginStep::Done(outcome) => return Ok(RawLogin::Done(conn, outcome)),
                 LoginStep::Redirect { portal: to, .. } => {
                     let addr = if to.host.contains(':') {
                         format!("[{}]:{}", to.host, to.port)
                     } else {
                         format!("{}:{}", to.host, to.port)
                     };
-                    return Ok(LoginResult::Redirect(addr));
+                    return Ok(RawLogin::Redirect(addr));
                 }
             }
         }
@@ -247,6 +277,11 @@ impl Connector {
 
 enum LoginResult {
     Session(Box<Session>),
+    Redirect(String),
+}
+
+enum RawLogin {
+    Done(Box<dyn Transport>, LoginOutcome),
     Redirect(String),
 }
 

@@ -2,15 +2,21 @@
 //!
 //! [`SendTargets`] builds the `SendTargets=All` Text Request, follows the
 //! target's continuations (C bit / F=0 with a Target Transfer Tag) and
-//! parses the answer into targets and their portals.
+//! parses the answer into targets and their portals. [`discover`] runs the
+//! exchange on a discovery session's connection and logs out.
 
 use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr};
+use std::time::Instant;
 
 use thiserror::Error;
 
-use super::pdu::{serial_lt, TextRequest, TextResponse, RESERVED_TAG, U24};
+use super::login::LoginOutcome;
+use super::pdu::{
+    serial_lt, LogoutReason, LogoutRequest, TargetPdu, TextRequest, TextResponse, RESERVED_TAG, U24,
+};
 use super::text::{self, TextAssembler, TextError};
+use crate::transport::{OutPdu, PduData, Transport, TransportError};
 
 /// Default iSCSI TCP port.
 pub const DEFAULT_PORT: u16 = 3260;
@@ -50,6 +56,12 @@ pub enum DiscoveryError {
     /// More responses after the exchange finished.
     #[error("Text Response after the SendTargets exchange finished")]
     Finished,
+    /// The connection failed or timed out.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The target sent something other than a Text Response.
+    #[error("target answered SendTargets with {0}")]
+    Unexpected(String),
 }
 
 /// A portal: host (IPv4, IPv6 or DNS name), port and portal group tag.
@@ -280,6 +292,58 @@ impl SendTargets {
             }
         }
     }
+}
+
+/// Runs SendTargets=All on a discovery session's connection (just logged
+/// in: `login`), then logs out. Targets without a TargetAddress are at the
+/// discovery portal.
+pub fn discover(
+    conn: &mut dyn Transport,
+    login: &LoginOutcome,
+    deadline: Instant,
+) -> Result<Vec<DiscoveredTarget>, DiscoveryError> {
+    const ITT: u32 = 1;
+    let mut st = SendTargets::new(ITT, login.cmd_sn, login.exp_stat_sn);
+    let (hdr, data) = st.request();
+    conn.send_blocking(OutPdu::new(hdr.encode(), PduData::Owned(data)), deadline)?;
+    let targets = loop {
+        let pdu = conn.recv_blocking(deadline)?;
+        let resp = match TargetPdu::decode(&pdu.bhs) {
+            Ok(TargetPdu::TextResponse(r)) => r,
+            // Unsolicited pings and messages are not answers.
+            Ok(TargetPdu::NopIn(_)) | Ok(TargetPdu::AsyncMessage(_)) => continue,
+            Ok(_) => {
+                return Err(DiscoveryError::Unexpected(format!(
+                    "a PDU of opcode {:#04x}",
+                    pdu.bhs[0] & 0x3f
+                )))
+            }
+            Err(e) => return Err(DiscoveryError::Unexpected(e.to_string())),
+        };
+        match st.on_response(&resp, &pdu.data)? {
+            SendTargetsStep::Send(next) => {
+                conn.send_blocking(OutPdu::new(next.encode(), PduData::None), deadline)?
+            }
+            SendTargetsStep::Done(t) => break t,
+        }
+    };
+    // Polite logout; the answer is already in hand, so failures here only
+    // mean the target closes first.
+    let logout = LogoutRequest {
+        immediate: true,
+        reason: LogoutReason::CloseSession,
+        itt: ITT + 1,
+        cid: 0,
+        cmd_sn: login.cmd_sn,
+        exp_stat_sn: st.exp_stat_sn(),
+    };
+    if conn
+        .send_blocking(OutPdu::new(logout.encode(), PduData::None), deadline)
+        .is_ok()
+    {
+        let _ = conn.recv_blocking(deadline);
+    }
+    Ok(targets)
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ use super::inquiry::{
     self, BlockDeviceCharacteristics, BlockLimits, DeviceIdentification, LogicalBlockProvisioning,
     StandardInquiry, SupportedVpdPages, UnitSerial,
 };
+use super::luns::{Lun, ReportLuns};
 use super::mode::ModeSense;
 use super::sense::{classify, IoFailure, SenseAction, SenseData};
 use super::status::ScsiStatus;
@@ -91,6 +92,14 @@ pub enum DiskError {
         /// The decoding error.
         #[source]
         source: ParseError,
+    },
+    /// REPORT LUNS does not list the LUN we were asked to use.
+    #[error("has no LUN {lun} (it reports {})", reported_list(.reported))]
+    NoSuchLun {
+        /// The LUN asked for.
+        lun: Lun,
+        /// The LUNs the target reported.
+        reported: Vec<Lun>,
     },
     /// `finish` was called before the probe ended or without required data.
     #[error("The LUN probe is incomplete: {0}")]
@@ -493,9 +502,30 @@ pub fn split_range(
     })
 }
 
+/// "LUNs 0, 1", "LUN 0", "no LUNs" (the first 16, then "...").
+fn reported_list(luns: &[Lun]) -> String {
+    match luns.len() {
+        0 => "no LUNs".to_string(),
+        n => {
+            let mut s = if n == 1 { "LUN " } else { "LUNs " }.to_string();
+            let shown: Vec<String> = luns.iter().take(16).map(|l| l.to_string()).collect();
+            s.push_str(&shown.join(", "));
+            if n > 16 {
+                s.push_str(&format!(", ... ({n} in all)"));
+            }
+            s
+        }
+    }
+}
+
+/// Largest REPORT LUNS answer we ask for (8 + 8 × 4096 LUNs).
+const REPORT_LUNS_MAX_ALLOC: u32 = 8 + 8 * 4096;
+
 /// One step of the LUN probe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProbeStep {
+    /// REPORT LUNS (sent to LUN 0): is the LUN there at all?
+    ReportLuns,
     /// TEST UNIT READY: absorbs the power-on unit attention.
     TestUnitReady,
     /// Standard INQUIRY.
@@ -516,6 +546,7 @@ impl ProbeStep {
     /// The step's name for messages.
     pub fn name(self) -> &'static str {
         match self {
+            Self::ReportLuns => "REPORT LUNS",
             Self::TestUnitReady => "TEST UNIT READY",
             Self::Inquiry => "INQUIRY",
             Self::Vpd(inquiry::page::SUPPORTED) => "INQUIRY VPD 0x00",
@@ -542,6 +573,8 @@ pub struct ProbeCommand {
     pub cdb: Cdb,
     /// Expected Data-In length (the allocation length).
     pub alloc_len: u32,
+    /// Send to LUN 0 instead of the probed LUN (REPORT LUNS).
+    pub to_lun0: bool,
 }
 
 /// The outcome of a probe command.
@@ -581,6 +614,8 @@ pub struct LunProber {
     queue: VecDeque<ProbeStep>,
     retries: u32,
     probe: LunProbe,
+    /// The LUN REPORT LUNS must list (None: not checked).
+    lun: Option<Lun>,
 }
 
 impl Default for LunProber {
@@ -605,7 +640,22 @@ impl LunProber {
             queue,
             retries: 0,
             probe: LunProbe::default(),
+            lun: None,
         }
+    }
+
+    /// A probe that first asks LUN 0 for REPORT LUNS and stops with
+    /// [`DiskError::NoSuchLun`] when `lun` is not listed. A target that
+    /// refuses REPORT LUNS is probed as by [`new`](Self::new).
+    pub fn checking_lun(lun: Lun) -> Self {
+        let mut p = Self::new();
+        p.queue.push_front(ProbeStep::TestUnitReady);
+        p.current = Some((
+            ProbeStep::ReportLuns,
+            Self::alloc_for(ProbeStep::ReportLuns),
+        ));
+        p.lun = Some(lun);
+        p
     }
 
     /// The command to send now, or `None` when the probe is over.
@@ -613,6 +663,7 @@ impl LunProber {
         let (step, alloc) = self.current?;
         let a16 = u16::try_from(alloc).unwrap_or(u16::MAX);
         let cdb = match step {
+            ProbeStep::ReportLuns => cdb::report_luns(0, alloc).ok()?,
             ProbeStep::TestUnitReady => cdb::test_unit_ready(),
             ProbeStep::Inquiry => cdb::inquiry(a16),
             ProbeStep::Vpd(page) => cdb::inquiry_vpd(page, a16),
@@ -636,6 +687,7 @@ impl LunProber {
             step,
             cdb,
             alloc_len: alloc,
+            to_lun0: step == ProbeStep::ReportLuns,
         })
     }
 
@@ -646,6 +698,8 @@ impl LunProber {
 
     fn alloc_for(step: ProbeStep) -> u32 {
         match step {
+            // Room for 31 LUNs; a longer list is asked for again.
+            ProbeStep::ReportLuns => 256,
             ProbeStep::TestUnitReady => 0,
             ProbeStep::Inquiry | ProbeStep::Vpd(_) => INQUIRY_ALLOC,
             ProbeStep::ReadCapacity16 => cdb::READ_CAPACITY_16_LEN,
@@ -682,6 +736,30 @@ impl LunProber {
             _ => None,
         };
         match step {
+            ProbeStep::ReportLuns => {
+                let r = ReportLuns::parse(data).map_err(bad)?;
+                if !r.complete {
+                    let need = u32::try_from(r.required_len).unwrap_or(u32::MAX);
+                    if need > alloc && alloc < REPORT_LUNS_MAX_ALLOC {
+                        self.current = Some((step, need.min(REPORT_LUNS_MAX_ALLOC)));
+                        return Ok(());
+                    }
+                }
+                if let Some(lun) = self.lun {
+                    // A target may list its LUNs in another addressing
+                    // method than ours (flat space for small numbers).
+                    let listed = r
+                        .luns
+                        .iter()
+                        .any(|l| *l == lun || (l.number().is_some() && l.number() == lun.number()));
+                    if !listed && r.complete {
+                        return Err(DiskError::NoSuchLun {
+                            lun,
+                            reported: r.luns,
+                        });
+                    }
+                }
+            }
             ProbeStep::TestUnitReady => {}
             ProbeStep::Inquiry => {
                 let inq = StandardInquiry::parse(data).map_err(bad)?;
@@ -774,6 +852,11 @@ impl LunProber {
             }
             SenseAction::Retry | SenseAction::RetryAfterUnitAttention(_) => {
                 self.retries += 1;
+                if self.retries > PROBE_RETRIES && step == ProbeStep::ReportLuns {
+                    // Only a check: go on without it.
+                    self.advance();
+                    return Ok(());
+                }
                 if self.retries > PROBE_RETRIES {
                     return Err(DiskError::TooManyRetries {
                         step: step.name(),
@@ -791,6 +874,7 @@ impl LunProber {
         );
         match step {
             // Optional: carry on without them.
+            ProbeStep::ReportLuns => self.advance(),
             ProbeStep::Vpd(_) if refused => self.advance(),
             ProbeStep::ModeSense6 if refused => self.advance(),
             ProbeStep::ReadCapacity16 if refused => {
@@ -854,7 +938,7 @@ mod tests {
             ProbeStep::ReadCapacity10 => TGTD_RC10,
             ProbeStep::ModeSense10 => return None, // tgtd 1.0.85 answers MODE SENSE(6) in the test
             ProbeStep::ModeSense6 => TGTD_MS6_CACHING,
-            ProbeStep::Vpd(_) => return None,
+            ProbeStep::Vpd(_) | ProbeStep::ReportLuns => return None,
         }))
     }
 
@@ -1106,6 +1190,59 @@ mod tests {
             p.complete(ProbeResult::Data(&[0; 10])),
             Err(DiskError::BadData { .. })
         ));
+    }
+
+    #[test]
+    fn report_luns_check() {
+        // tgtd with LUNs 0..=4 (see luns.rs), asked for LUN 1: listed, the
+        // probe goes on with TEST UNIT READY on the LUN itself.
+        const TGTD_LUNS: &str = "000000280000000000000000000000000001000000000000000200000000000000030000000000000004000000000000";
+        let mut p = LunProber::checking_lun(Lun::from_number(1).unwrap());
+        let cmd = p.next_command().unwrap();
+        assert_eq!(cmd.step, ProbeStep::ReportLuns);
+        assert!(cmd.to_lun0);
+        assert_eq!(cmd.cdb.as_bytes()[0], 0xa0);
+        p.complete(ProbeResult::Data(&unhex(TGTD_LUNS))).unwrap();
+        let cmd = p.next_command().unwrap();
+        assert_eq!(cmd.step, ProbeStep::TestUnitReady);
+        assert!(!cmd.to_lun0);
+
+        // LUN 7 is not there.
+        let mut p = LunProber::checking_lun(Lun::from_number(7).unwrap());
+        let err = p
+            .complete(ProbeResult::Data(&unhex(TGTD_LUNS)))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "has no LUN 7 (it reports LUNs 0, 1, 2, 3, 4)"
+        );
+
+        // A cut list is asked for again, whole.
+        let mut p = LunProber::checking_lun(Lun::from_number(4).unwrap());
+        p.current = Some((ProbeStep::ReportLuns, 16));
+        p.complete(ProbeResult::Data(&unhex(TGTD_LUNS)[..16]))
+            .unwrap();
+        assert_eq!(p.next_command().unwrap().alloc_len, 48);
+        p.complete(ProbeResult::Data(&unhex(TGTD_LUNS))).unwrap();
+        assert_eq!(p.next_command().unwrap().step, ProbeStep::TestUnitReady);
+
+        // Flat addressing of the same number counts as listed.
+        let mut p = LunProber::checking_lun(Lun([0x40, 0x03, 0, 0, 0, 0, 0, 0]));
+        p.complete(ProbeResult::Data(&unhex(TGTD_LUNS))).unwrap();
+
+        // A target that refuses REPORT LUNS is probed anyway.
+        let mut p = LunProber::checking_lun(Lun::from_number(9).unwrap());
+        p.complete(ProbeResult::Failed {
+            status: ScsiStatus::CheckCondition,
+            sense: Some(&sense("700005000000000a00000000200000000000")),
+        })
+        .unwrap();
+        assert_eq!(p.next_command().unwrap().step, ProbeStep::TestUnitReady);
+
+        assert_eq!(reported_list(&[]), "no LUNs");
+        assert_eq!(reported_list(&[Lun::from_number(0).unwrap()]), "LUN 0");
+        let many: Vec<Lun> = (0..20).map(|n| Lun::from_number(n).unwrap()).collect();
+        assert!(reported_list(&many).ends_with("15, ... (20 in all)"));
     }
 
     fn base_probe() -> LunProbe {

@@ -9,7 +9,7 @@
 //! buffers.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,13 +17,14 @@ use log::{error, info, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::cdb::{self, RwFlags, UnmapDescriptor, WriteSameFlags};
-use super::disk::{split_range, LunInfo, LunProber, ProbeResult};
+use super::disk::{split_range, DiskError, LunInfo, LunProber, ProbeResult};
+use super::luns::Lun;
 use super::sense::{classify, SenseAction, SenseData, UnitAttention};
 use super::status::ScsiStatus;
 use crate::blk::buffer::IoBuffers;
 use crate::blk::target::{
-    BlockOp, BlockRequest, BlockStatus, Completion, DeviceInfo, QueueTarget, RangeOpLimits, Target,
-    TargetError,
+    BlockOp, BlockRequest, BlockStatus, Completion, DeviceInfo, DeviceNotifier, QueueTarget,
+    RangeOpLimits, Target, TargetError,
 };
 use crate::iscsi::session::{ScsiOutcome, ScsiResult, Session, SessionError, SessionTimeouts};
 use crate::iscsi::task::{DataDir, ScsiCommandReq};
@@ -37,6 +38,10 @@ pub trait SessionFactory: Send + Sync {
     fn lun(&self) -> u64;
     /// "iqn... lun N at host:port", for log lines.
     fn describe(&self) -> String;
+    /// "target iqn... on host:port", for messages about the target as a whole.
+    fn describe_target(&self) -> String {
+        self.describe()
+    }
     /// Guest memory changed: transports that register memory with a NIC
     /// (iSER) do it here, once per region.
     fn update_memory(&self, _mem: &Arc<crate::blk::buffer::GuestMemoryMmap>) {}
@@ -68,25 +73,41 @@ const RETRY_MAX_DELAY: Duration = Duration::from_secs(2);
 pub const TIMEOUTS_ENV: &str = "VHOST_ISER_TIMEOUTS";
 
 /// Capacity changes seen by the queues (unit attention 2A/09 followed by a
-/// new READ CAPACITY(16)). The backend polls [`CapacityWatch::take`] and
-/// raises a virtio config-change interrupt.
-#[derive(Default, Debug)]
+/// new READ CAPACITY(16)). Each queue's session gets its own unit attention;
+/// the first to read a new capacity tells the [`DeviceNotifier`] (the vhost
+/// layer, which raises a virtio config-change interrupt), the others find
+/// nothing new.
+#[derive(Default)]
 pub struct CapacityWatch {
-    changed: AtomicBool,
     sectors: AtomicU64,
+    notifier: Mutex<Option<Arc<dyn DeviceNotifier>>>,
 }
 
 impl CapacityWatch {
-    /// The new capacity in 512-byte sectors, once per change.
-    pub fn take(&self) -> Option<u64> {
-        self.changed
-            .swap(false, Ordering::AcqRel)
-            .then(|| self.sectors.load(Ordering::Acquire))
+    fn new(sectors: u64) -> Self {
+        CapacityWatch {
+            sectors: AtomicU64::new(sectors),
+            ..Default::default()
+        }
+    }
+
+    /// The last capacity seen, in 512-byte sectors.
+    pub fn sectors(&self) -> u64 {
+        self.sectors.load(Ordering::Acquire)
     }
 
     fn set(&self, sectors: u64) {
-        self.sectors.store(sectors, Ordering::Release);
-        self.changed.store(true, Ordering::Release);
+        if self.sectors.swap(sectors, Ordering::AcqRel) == sectors {
+            return;
+        }
+        let notifier = self
+            .notifier
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(n) = notifier {
+            n.capacity_changed(sectors);
+        }
     }
 }
 
@@ -125,13 +146,13 @@ impl ScsiLun {
         let mut session = factory.open(0)?;
         session.set_timeouts(timeouts);
         let lun = factory.lun();
-        let mut prober = LunProber::new();
+        let mut prober = LunProber::checking_lun(Lun::from_encoded(lun));
         let mut tag = 0u64;
         while let Some(cmd) = prober.next_command() {
             tag += 1;
             let buf = Arc::new(IoBuffers::from_vec(vec![0u8; cmd.alloc_len as usize]));
             let mut req = ScsiCommandReq {
-                lun,
+                lun: if cmd.to_lun0 { 0 } else { lun },
                 cdb: cmd.cdb.padded(),
                 cdb_len: cmd.cdb.len() as u8,
                 dir: if cmd.alloc_len > 0 {
@@ -167,9 +188,14 @@ impl ScsiLun {
                     sense: sense.as_ref(),
                 })
             };
-            result.map_err(|e| TargetError::Setup {
-                context: format!("probing {} ({})", factory.describe(), cmd.step.name()),
-                source: Box::new(e),
+            result.map_err(|e| match e {
+                DiskError::NoSuchLun { .. } => {
+                    TargetError::NotFound(format!("{} {e}", factory.describe_target()))
+                }
+                e => TargetError::Setup {
+                    context: format!("probing {} ({})", factory.describe(), cmd.step.name()),
+                    source: Box::new(e),
+                },
             })?;
         }
         let mut info = prober.finish().map_err(|e| TargetError::Setup {
@@ -205,10 +231,10 @@ impl ScsiLun {
         );
         Ok(ScsiLun {
             factory,
-            info: Arc::new(info),
             first: Mutex::new(Some(session)),
             timeouts,
-            capacity: Arc::new(CapacityWatch::default()),
+            capacity: Arc::new(CapacityWatch::new(info.capacity_sectors)),
+            info: Arc::new(info),
         })
     }
 
@@ -291,6 +317,14 @@ impl Target for ScsiLun {
 
     fn update_memory(&self, mem: &Arc<crate::blk::buffer::GuestMemoryMmap>) {
         self.factory.update_memory(mem);
+    }
+
+    fn set_notifier(&self, notifier: Arc<dyn DeviceNotifier>) {
+        *self
+            .capacity
+            .notifier
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(notifier);
     }
 }
 
@@ -801,7 +835,7 @@ impl LunQueue {
                     "queue {}: {} now has {sectors} sectors (was {})",
                     self.index,
                     self.factory.describe(),
-                    self.info.capacity_sectors
+                    self.capacity.sectors()
                 );
                 self.capacity.set(sectors);
             }

@@ -13,7 +13,7 @@ use thiserror::Error;
 use vhost::vhost_user::message::{
     VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
-use vhost::vhost_user::Listener;
+use vhost::vhost_user::{Backend, Listener, VhostUserFrontendReqHandler};
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
@@ -24,9 +24,11 @@ use vmm_sys_util::event::{
 use super::inflight::InflightRegion;
 use super::worker::{QueueStats, QueueWorker};
 use crate::blk::buffer::GuestMemoryMmap;
-use crate::blk::config::{config_space, device_features, read_window, WRITEBACK_OFFSET};
+use crate::blk::config::{
+    config_space, device_features, read_window, set_capacity, WRITEBACK_OFFSET,
+};
 use crate::blk::request::RequestLimits;
-use crate::blk::target::{DeviceInfo, Target, TargetError};
+use crate::blk::target::{DeviceInfo, DeviceNotifier, SharedCapacity, Target, TargetError};
 
 /// Device options from the command line or config file.
 #[derive(Clone, Debug)]
@@ -66,6 +68,58 @@ pub enum DeviceError {
     },
 }
 
+/// Device changes the target reports, passed on to the frontend: the new
+/// capacity goes into the config space and the request checks, then a
+/// VHOST_USER_BACKEND_CONFIG_CHANGE_MSG on the backend request channel makes
+/// the frontend raise a virtio config-change interrupt.
+struct ConfigChanges {
+    capacity: SharedCapacity,
+    /// The current frontend's backend request channel (None: not offered).
+    channel: Mutex<Option<Backend>>,
+}
+
+impl ConfigChanges {
+    fn set_channel(&self, channel: Option<Backend>) {
+        *self.channel.lock().unwrap_or_else(|e| e.into_inner()) = channel;
+    }
+}
+
+impl DeviceNotifier for ConfigChanges {
+    fn capacity_changed(&self, sectors: u64) {
+        let old = self.capacity.set(sectors);
+        if old == sectors {
+            return;
+        }
+        info!(
+            "device capacity changed from {old} to {sectors} sectors ({} MiB)",
+            sectors / 2048
+        );
+        let channel = self
+            .channel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some(channel) = channel else {
+            warn!(
+                "the frontend did not set up a backend request channel: \
+                 the guest sees the new capacity only when it re-reads the config space"
+            );
+            return;
+        };
+        // The frontend answers the notice by reading the config space over
+        // the main channel and may wait for an ack: not on a queue's thread.
+        let sent = std::thread::Builder::new()
+            .name("config-change".into())
+            .spawn(move || match channel.handle_config_change() {
+                Ok(_) => info!("frontend notified of the config change"),
+                Err(e) => warn!("cannot notify the frontend of the config change: {e}"),
+            });
+        if let Err(e) = sent {
+            warn!("cannot notify the frontend of the config change: no thread: {e}");
+        }
+    }
+}
+
 /// The vhost-user-blk backend: shared, read-mostly device state plus one
 /// worker per queue, each behind its own (uncontended) lock.
 pub struct BlkBackend {
@@ -79,6 +133,7 @@ pub struct BlkBackend {
     workers: Vec<Mutex<QueueWorker>>,
     stats: Vec<Arc<QueueStats>>,
     target: Arc<dyn Target>,
+    changes: Arc<ConfigChanges>,
 }
 
 impl BlkBackend {
@@ -105,8 +160,13 @@ impl BlkBackend {
         }
         // Linux puts the header and the status in descriptors of their own.
         let seg_max = (opts.queue_size as u32).saturating_sub(2).max(1);
+        let changes = Arc::new(ConfigChanges {
+            capacity: SharedCapacity::new(info.capacity_sectors),
+            channel: Mutex::new(None),
+        });
+        target.set_notifier(changes.clone());
         let limits = Arc::new(RequestLimits {
-            capacity_sectors: info.capacity_sectors,
+            capacity_sectors: changes.capacity.clone(),
             seg_max,
             read_only: info.read_only,
             discard: info
@@ -142,6 +202,7 @@ impl BlkBackend {
             workers,
             stats,
             target,
+            changes,
         })
     }
 
@@ -212,6 +273,12 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::BACKEND_REQ
+    }
+
+    fn set_backend_req_fd(&self, channel: Backend) {
+        info!("frontend set up a backend request channel (config-change notices)");
+        self.changes.set_channel(Some(channel));
     }
 
     fn get_inflight_fd(&self, req: &VhostUserInflight) -> io::Result<(VhostUserInflight, File)> {
@@ -254,12 +321,13 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let space = config_space(
+        let mut space = config_space(
             &self.info,
             self.num_queues as u16,
             self.seg_max,
             self.writeback.load(Ordering::Relaxed),
         );
+        set_capacity(&mut space, self.changes.capacity.get());
         read_window(&space, offset, size)
     }
 
@@ -370,6 +438,7 @@ pub fn serve(backend: Arc<BlkBackend>, socket: &Path) -> Result<(), DeviceError>
             Ok(()) => info!("frontend disconnected"),
             Err(e) => warn!("frontend connection ended: {e}"),
         }
+        backend.changes.set_channel(None);
         for h in &handlers {
             h.send_exit_event();
         }

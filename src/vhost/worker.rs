@@ -694,7 +694,7 @@ mod tests {
     fn worker(mem: &GuestMemoryAtomic<GuestMemoryMmap>) -> QueueWorker {
         let target = MemTarget::new(1 << 20, false);
         let limits = Arc::new(RequestLimits {
-            capacity_sectors: 2048,
+            capacity_sectors: crate::blk::target::SharedCapacity::new(2048),
             seg_max: 8,
             read_only: false,
             discard: None,

@@ -63,6 +63,8 @@ struct Shared {
     /// Apply `script` to every I/O (not just the next one).
     persistent: bool,
     digests: bool,
+    /// Apply `script` only to an I/O that starts at this LBA.
+    at_lba: Option<u64>,
     connections: usize,
     tmfs: Vec<TmfFunction>,
     nop_outs: usize,
@@ -112,6 +114,7 @@ impl FakeTarget {
             script: Misbehave::None,
             persistent: false,
             digests,
+            at_lba: None,
             connections: 0,
             tmfs: Vec::new(),
             nop_outs: 0,
@@ -152,6 +155,16 @@ impl FakeTarget {
         let mut s = self.shared.lock().unwrap();
         s.script = m;
         s.persistent = persistent;
+        s.at_lba = None;
+    }
+
+    /// Misbehaves at the next READ or WRITE that starts at block `lba`
+    /// (other I/O is served normally).
+    pub fn arm_at(&self, m: Misbehave, lba: u64) {
+        let mut s = self.shared.lock().unwrap();
+        s.script = m;
+        s.persistent = false;
+        s.at_lba = Some(lba);
     }
 
     /// Connections accepted so far (logins).
@@ -529,10 +542,11 @@ impl Conn {
     }
 
     /// The script for this I/O (consumed unless persistent).
-    fn take_script(&mut self, write: bool) -> Misbehave {
+    fn take_script(&mut self, write: bool, lba: u64) -> Misbehave {
         let mut s = self.shared.lock().unwrap();
         let m = s.script;
         let applies = match m {
+            _ if s.at_lba.is_some_and(|at| at != lba) => false,
             Misbehave::DataInOverflow => !write,
             Misbehave::R2tBeyondBuffer => write,
             _ => true,
@@ -542,6 +556,7 @@ impl Conn {
         }
         if !s.persistent && !matches!(m, Misbehave::HangCommandRefuseAbort) {
             s.script = Misbehave::None;
+            s.at_lba = None;
         }
         m
     }
@@ -725,7 +740,7 @@ impl Conn {
                 }
                 let off = (lba * 512) as usize;
                 let write = cdb[0] & 0x02 != 0;
-                let script = self.take_script(write);
+                let script = self.take_script(write, lba);
                 if self.misbehave(script, itt)? {
                     return Ok(());
                 }
