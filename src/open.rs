@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::blk::mem::MemTarget;
 use crate::blk::target::{Target, TargetError};
 use crate::iscsi::chap::{ChapAlgorithm, ChapCredentials, ChapSecret};
-use crate::iscsi::connect::{tcp_dialer, ConnectConfig, Connector, Dialer};
+use crate::iscsi::connect::{tcp_dialer, ConnectConfig, Connector, Dialer, PathPolicy};
 use crate::iscsi::login::MutualChap;
 use crate::iscsi::params::{IserOffer, ParamOffer};
 use crate::iscsi::session::Session;
@@ -30,6 +30,8 @@ pub struct OpenOptions {
     pub initiator_name: Option<String>,
     /// More portals of the same target ("host:port"), after the URL's.
     pub extra_portals: Vec<String>,
+    /// How the queues' sessions use the portals.
+    pub path_policy: PathPolicy,
     /// CHAP user name (or `user@` in the URL).
     pub chap_user: Option<String>,
     /// File holding the CHAP secret (else `VHOST_ISER_CHAP_SECRET`).
@@ -136,6 +138,7 @@ pub fn open_target(spec: &str, opts: &OpenOptions) -> Result<Arc<dyn Target>, Ta
             None => tcp_dialer(),
         },
         iser: iser.is_some(),
+        path_policy: opts.path_policy,
     };
     let connector = Connector::new(cfg).map_err(|e| setup("preparing the login", Box::new(e)))?;
     let factory = Arc::new(IscsiSessions {
@@ -195,10 +198,24 @@ struct IscsiSessions {
 
 impl SessionFactory for IscsiSessions {
     fn open(&self, queue: usize) -> Result<Session, TargetError> {
-        self.connector.open(queue).map_err(|e| TargetError::Setup {
-            context: format!("queue {queue}: cannot log in to {}", self.describe),
-            source: Box::new(e),
-        })
+        self.open_avoiding(queue, None)
+    }
+
+    fn open_avoiding(&self, queue: usize, avoid: Option<&str>) -> Result<Session, TargetError> {
+        self.connector
+            .open_avoiding(queue, avoid)
+            .map_err(|e| TargetError::Setup {
+                context: format!("queue {queue}: cannot log in to {}", self.describe),
+                source: Box::new(e),
+            })
+    }
+
+    fn preferred_portal(&self, queue: usize) -> Option<String> {
+        self.connector.preferred_portal(queue).map(str::to_string)
+    }
+
+    fn probe(&self, portal: &str) -> bool {
+        self.connector.probe(portal).is_ok()
     }
 
     fn lun(&self) -> u64 {

@@ -18,6 +18,42 @@ use crate::transport::{OutPdu, PduData, Transport, TransportError};
 
 /// How many redirects one login follows.
 const MAX_REDIRECTS: u32 = 4;
+/// Time a path probe (a bare connect to a portal) may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How the sessions of a target's queues use its portals.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PathPolicy {
+    /// Every queue prefers the first portal; the others stand by.
+    #[default]
+    ActiveStandby,
+    /// Queue `i` prefers portal `i mod n`: the sessions spread over the paths.
+    RoundRobin,
+}
+
+impl PathPolicy {
+    /// The name on the command line and in the config file.
+    pub fn name(self) -> &'static str {
+        match self {
+            PathPolicy::ActiveStandby => "active-standby",
+            PathPolicy::RoundRobin => "round-robin",
+        }
+    }
+}
+
+impl std::str::FromStr for PathPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "active-standby" => Ok(PathPolicy::ActiveStandby),
+            "round-robin" => Ok(PathPolicy::RoundRobin),
+            _ => Err(format!(
+                "unknown path policy {s:?} (active-standby or round-robin)"
+            )),
+        }
+    }
+}
 
 /// Why a session could not be opened.
 #[derive(Debug, Error)]
@@ -88,6 +124,8 @@ pub struct ConnectConfig {
     pub dial: Dialer,
     /// Negotiate iSER (RDMAExtensions=Yes and the iSER keys).
     pub iser: bool,
+    /// Which portal each queue prefers.
+    pub path_policy: PathPolicy,
 }
 
 impl std::fmt::Debug for ConnectConfig {
@@ -98,6 +136,7 @@ impl std::fmt::Debug for ConnectConfig {
             .field("initiator_name", &self.initiator_name)
             .field("chap", &self.chap.as_ref().map(|c| &c.username))
             .field("iser", &self.iser)
+            .field("path_policy", &self.path_policy)
             .finish()
     }
 }
@@ -125,13 +164,60 @@ impl Connector {
         &self.cfg
     }
 
+    /// The index of the portal queue `queue` prefers.
+    fn preferred_index(&self, queue: usize) -> usize {
+        match self.cfg.path_policy {
+            PathPolicy::ActiveStandby => 0,
+            PathPolicy::RoundRobin => queue % self.cfg.portals.len().max(1),
+        }
+    }
+
+    /// The portal queue `queue` prefers; `None` with a single portal (no
+    /// choice to make).
+    pub fn preferred_portal(&self, queue: usize) -> Option<&str> {
+        if self.cfg.portals.len() < 2 {
+            return None;
+        }
+        self.cfg
+            .portals
+            .get(self.preferred_index(queue))
+            .map(String::as_str)
+    }
+
+    /// The portals in the order queue `queue` tries them: its preferred one
+    /// first, then the next ones round the list; `avoid` (the path just
+    /// lost) last, so a dead path does not delay the move to a live one.
+    pub fn portal_order(&self, queue: usize, avoid: Option<&str>) -> Vec<&str> {
+        let n = self.cfg.portals.len();
+        let first = self.preferred_index(queue);
+        let mut order: Vec<&str> = (0..n)
+            .map(|i| self.cfg.portals[(first + i) % n].as_str())
+            .collect();
+        if let Some(a) = avoid {
+            if let Some(i) = order.iter().position(|p| *p == a) {
+                let p = order.remove(i);
+                order.push(p);
+            }
+        }
+        order
+    }
+
     /// Logs in a session for queue `queue` (ISID qualifier = queue), trying
-    /// each portal in turn.
+    /// each portal in turn, preferred first.
     pub fn open(&self, queue: usize) -> Result<Session, ConnectError> {
+        self.open_avoiding(queue, None)
+    }
+
+    /// Like [`open`](Self::open), trying `avoid` (a path that just failed) last.
+    pub fn open_avoiding(
+        &self,
+        queue: usize,
+        avoid: Option<&str>,
+    ) -> Result<Session, ConnectError> {
         let mut isid = self.isid_base;
         isid[4..6].copy_from_slice(&(queue as u16).to_be_bytes());
         let mut last = None;
-        for portal in &self.cfg.portals {
+        for portal in self.portal_order(queue, avoid) {
             match self.login_following_redirects(portal, isid) {
                 Ok(s) => return Ok(s),
                 Err(e) => {
@@ -156,6 +242,12 @@ impl Connector {
                 reason: "no portal configured".into(),
             },
         })
+    }
+
+    /// Whether `portal` answers a connect (TCP, or RDMA CM for iSER) within
+    /// a short timeout; the connection is closed at once, without a login.
+    pub fn probe(&self, portal: &str) -> Result<(), TransportError> {
+        (self.cfg.dial)(portal, PROBE_TIMEOUT).map(drop)
     }
 
     fn login_following_redirects(
@@ -259,4 +351,59 @@ fn send(conn: &mut dyn Transport, pdu: LoginPdu, deadline: Instant) -> Result<()
     };
     conn.send_blocking(OutPdu::new(bhs, data), deadline)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connector(portals: &[&str], path_policy: PathPolicy) -> Connector {
+        Connector::new(ConnectConfig {
+            portals: portals.iter().map(|p| p.to_string()).collect(),
+            target_name: "iqn.2026-11.test:t".into(),
+            initiator_name: "iqn.2026-11.test:i".into(),
+            chap: None,
+            mutual_chap: None,
+            chap_algorithms: Vec::new(),
+            params: ParamOffer::default(),
+            login_timeout: Duration::from_secs(1),
+            dial: tcp_dialer(),
+            iser: false,
+            path_policy,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn round_robin_spreads_the_queues_and_tries_the_lost_path_last() {
+        let c = connector(&["a:1", "b:1", "c:1"], PathPolicy::RoundRobin);
+        assert_eq!(c.preferred_portal(0), Some("a:1"));
+        assert_eq!(c.preferred_portal(1), Some("b:1"));
+        assert_eq!(c.preferred_portal(4), Some("b:1"));
+        assert_eq!(c.portal_order(1, None), ["b:1", "c:1", "a:1"]);
+        assert_eq!(c.portal_order(1, Some("b:1")), ["c:1", "a:1", "b:1"]);
+        assert_eq!(c.portal_order(2, Some("x:1")), ["c:1", "a:1", "b:1"]);
+    }
+
+    #[test]
+    fn active_standby_prefers_the_first_portal() {
+        let c = connector(&["a:1", "b:1"], PathPolicy::ActiveStandby);
+        for q in 0..4 {
+            assert_eq!(c.preferred_portal(q), Some("a:1"));
+            assert_eq!(c.portal_order(q, None), ["a:1", "b:1"]);
+        }
+        assert_eq!(c.portal_order(3, Some("a:1")), ["b:1", "a:1"]);
+        // One portal: nothing to prefer, nothing to fail back to.
+        let one = connector(&["a:1"], PathPolicy::RoundRobin);
+        assert_eq!(one.preferred_portal(1), None);
+        assert_eq!(one.portal_order(1, Some("a:1")), ["a:1"]);
+    }
+
+    #[test]
+    fn policy_names_round_trip() {
+        for p in [PathPolicy::ActiveStandby, PathPolicy::RoundRobin] {
+            assert_eq!(p.name().parse::<PathPolicy>(), Ok(p));
+        }
+        assert!("random".parse::<PathPolicy>().is_err());
+    }
 }
