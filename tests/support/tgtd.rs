@@ -101,6 +101,74 @@ impl Tgtd {
     }
 
     fn spawn(tgtd: &Path, port: u16, control_port: u16, log: &Path) -> Result<Child, String> {
+        Self::spawn_in(tgtd, &format!("127.0.0.1:{port}"), None, control_port, log)
+    }
+
+    /// Starts tgtd inside the network namespace `netns` (a name under
+    /// /var/run/netns), listening on every address there (0.0.0.0:3260), so
+    /// each of the namespace's links is a path (portal) to the same targets.
+    /// Its portals are the namespace's addresses; [`Tgtd::portal`] and
+    /// [`Tgtd::url`] (127.0.0.1) and [`Tgtd::restart`] do not apply.
+    pub fn start_in_netns(netns: &str) -> Tgtd {
+        let tgtd = super::require_tool("tgtd", "tgt");
+        let tgtadm = super::require_tool("tgtadm", "tgt");
+        let _ = fs::create_dir_all("/var/run/tgtd");
+        let ns_path = format!("/var/run/netns/{netns}");
+        let ns = fs::File::open(&ns_path).unwrap_or_else(|e| panic!("open {ns_path}: {e}"));
+        let port = 3260;
+        let mut last_err = String::new();
+        for _attempt in 0..8 {
+            // Unique among live tgtds (they share /var/run/tgtd): from a free port.
+            let control_port = 1000 + free_port() % 31000;
+            let dir = super::unique_tmp_dir();
+            let log = dir.path().join("tgtd.log");
+            let portal = format!("0.0.0.0:{port}");
+            use std::os::fd::AsRawFd;
+            let child =
+                match Self::spawn_in(&tgtd, &portal, Some(ns.as_raw_fd()), control_port, &log) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        last_err = e;
+                        continue;
+                    }
+                };
+            let mut t = Tgtd {
+                child,
+                port,
+                control_port,
+                tgtadm: tgtadm.clone(),
+                log,
+                _dir: dir,
+                targets: Vec::new(),
+                accounts: HashSet::new(),
+                backing_files: Vec::new(),
+                history: Default::default(),
+            };
+            match t.wait_listening() {
+                Ok(()) => return t,
+                Err(e) => last_err = e,
+            }
+        }
+        panic!("tgtd did not start in netns {netns}: {last_err}");
+    }
+
+    /// The number of sessions (I_T nexus) tgtd holds, over all its targets.
+    pub fn sessions(&self) -> usize {
+        self.show()
+            .lines()
+            .filter(|l| l.trim_start().starts_with("I_T nexus:"))
+            .count()
+    }
+
+    /// Spawns tgtd with its iSCSI portal at `portal`, in the network namespace
+    /// open at `netns` when given.
+    fn spawn_in(
+        tgtd: &Path,
+        portal: &str,
+        netns: Option<std::os::fd::RawFd>,
+        control_port: u16,
+        log: &Path,
+    ) -> Result<Child, String> {
         let logf = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -109,16 +177,22 @@ impl Tgtd {
         let logf2 = logf.try_clone().map_err(|e| e.to_string())?;
         let mut cmd = Command::new(tgtd);
         cmd.args(["-f", "-C", &control_port.to_string(), "--iscsi"])
-            .arg(format!("portal=127.0.0.1:{port}"))
+            .arg(format!("portal={portal}"))
             .stdin(Stdio::null())
             .stdout(logf)
             .stderr(logf2)
             .process_group(0);
         // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of
         // the parent; it makes the kernel kill tgtd if the test process dies abruptly.
+        // setns(2) is a plain system call on a descriptor the parent keeps open.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                if let Some(fd) = netns {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 Ok(())
             });
         }
@@ -476,7 +550,8 @@ fn listens(pid: u32, port: u16) -> bool {
             Some(s.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
         })
         .collect();
-    let Ok(tcp) = fs::read_to_string("/proc/net/tcp") else {
+    // The process's own view: right also when it runs in another network namespace.
+    let Ok(tcp) = fs::read_to_string(format!("/proc/{pid}/net/tcp")) else {
         return false;
     };
     let want = [

@@ -1,0 +1,363 @@
+//! Multipath against a real tgtd: tgtd runs in its own network namespace
+//! reached over two veth links (two subnets, two portals of one target).
+//! libblkio writes and verifies on every queue without pause while a link is
+//! cut (`ip link set down`, the target's side) and restored: no request may fail, the sessions
+//! on the cut path move to the other portal, and come back to their
+//! preferred portal once it answers again. The data is checked through the
+//! client and in tgtd's backing file, and tgtd must hold exactly one session
+//! per queue at the end (the moves log out; nothing is left behind).
+
+mod client;
+mod support;
+
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use blkio::ReqFlags;
+use client::{pattern, Backend, Client};
+use support::netns::Netns;
+use support::tgtd::{Backing, Tgtd};
+use vhost_iser::metrics::{self, MetricsAddr};
+
+const MIB: usize = 1 << 20;
+/// Bytes per request.
+const LEN: usize = 64 * 1024;
+/// Short timers: a dead path is noticed by a 1 s ping within about 2 s.
+const TIMEOUTS: &str = "nop=1,nop_timeout=1,command=10,tmf=2,replacement=30";
+/// Longest wait for a failover or a failback (probes run every 5 s).
+const MOVE_TIMEOUT: Duration = Duration::from_secs(30);
+
+struct Rig {
+    ns: Netns,
+    tgtd: Tgtd,
+    file: PathBuf,
+    backend: Backend,
+    client: Client,
+    metrics: MetricsAddr,
+    /// The two portals, "10.x.y.2:3260" and "10.x.y.6:3260".
+    portals: [String; 2],
+    queues: usize,
+    /// Last data written per disk offset: (seed).
+    written: HashMap<u64, u8>,
+    round: u32,
+    /// Longest time one round of requests took.
+    worst: Duration,
+}
+
+impl Rig {
+    fn new(tag: &str, queues: usize, policy: Option<&str>) -> Rig {
+        let ns = Netns::new(tag, 232, 2);
+        let mut tgtd = Tgtd::start_in_netns(&ns.name);
+        let iqn = "iqn.2026-11.vhost-iser.test:multipath";
+        let tid = tgtd.create_target(iqn);
+        let file = tgtd.add_lun(tid, 1, Backing::File(64 << 20)).expect("LUN");
+        tgtd.bind_all(tid);
+        let portals = [0, 1].map(|k| format!("{}:3260", ns.links[k].inner_ip));
+        let url = format!("iscsi://{}/{iqn}/1", portals[0]);
+        let dir = support::unique_tmp_dir();
+        let msock = dir.path().join("metrics.sock");
+        let maddr = format!("unix:{}", msock.display());
+        let q = queues.to_string();
+        let mut args = vec![
+            "--target",
+            &url,
+            "--portal",
+            &portals[1],
+            "--queues",
+            &q,
+            "--metrics",
+            &maddr,
+        ];
+        if let Some(p) = policy {
+            args.extend(["--path-policy", p]);
+        }
+        let backend = Backend::start_env(&args, &[("VHOST_ISER_TIMEOUTS", TIMEOUTS)]);
+        let client = Client::connect(&backend.socket, queues as i32, 16 * MIB);
+        assert_eq!(client.capacity(), 64 << 20);
+        let metrics = MetricsAddr::Unix(msock);
+        // The metrics socket lives in `dir`: keep it until the backend is gone.
+        std::mem::forget(dir);
+        Rig {
+            ns,
+            tgtd,
+            file,
+            backend,
+            client,
+            metrics,
+            portals,
+            queues,
+            written: HashMap::new(),
+            round: 0,
+            worst: Duration::ZERO,
+        }
+    }
+
+    /// One round: a 64 KiB write on every queue at once, then the reads
+    /// back, each checked. Every request must succeed.
+    fn io_round(&mut self) {
+        let start = Instant::now();
+        self.round += 1;
+        let seed = self.round as u8;
+        let slot = (self.round % 16) as u64;
+        let at = |q: usize| (q as u64) * 4 * MIB as u64 + slot * LEN as u64;
+        for q in 0..self.queues {
+            let data = pattern(at(q), LEN, seed);
+            self.client.buf()[q * LEN..(q + 1) * LEN].copy_from_slice(&data);
+            let p = self.client.ptr(q * LEN);
+            self.client.queues[q].write(at(q), p, LEN, 1, ReqFlags::empty());
+        }
+        for q in 0..self.queues {
+            let r = self.client.wait(q, 1)[0].1;
+            assert_eq!(
+                r,
+                0,
+                "write on queue {q} failed (round {}); log:\n{}",
+                self.round,
+                self.backend.log()
+            );
+            self.written.insert(at(q), seed);
+        }
+        let base = 8 * MIB;
+        for q in 0..self.queues {
+            self.client.buf()[base + q * LEN..base + (q + 1) * LEN].fill(0xEE);
+            let p = self.client.ptr(base + q * LEN);
+            self.client.queues[q].read(at(q), p, LEN, 1, ReqFlags::empty());
+        }
+        for q in 0..self.queues {
+            let r = self.client.wait(q, 1)[0].1;
+            assert_eq!(
+                r,
+                0,
+                "read on queue {q} failed (round {}); log:\n{}",
+                self.round,
+                self.backend.log()
+            );
+            let got = &self.client.buf()[base + q * LEN..base + (q + 1) * LEN];
+            assert!(
+                got == pattern(at(q), LEN, seed).as_slice(),
+                "queue {q} read back other data (round {})",
+                self.round
+            );
+        }
+        self.worst = self.worst.max(start.elapsed());
+    }
+
+    /// Keeps the I/O going for `d`.
+    fn io_for(&mut self, d: Duration) {
+        let start = Instant::now();
+        while start.elapsed() < d {
+            self.io_round();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The backend's log lines about paths and sessions (for the test output).
+    fn path_log(&self) -> String {
+        self.backend
+            .log()
+            .lines()
+            .filter(|l| {
+                ["path", "logged in", "logout", "re-issuing", "lost"]
+                    .iter()
+                    .any(|w| l.contains(w))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Keeps the I/O going until `done(log)` holds; returns how long it took.
+    fn io_until(&mut self, what: &str, done: impl Fn(&str) -> bool) -> Duration {
+        let start = Instant::now();
+        loop {
+            self.io_round();
+            if done(&self.backend.log()) {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < MOVE_TIMEOUT,
+                "{what}: not seen within {MOVE_TIMEOUT:?}; log:\n{}",
+                self.backend.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// (portal, preferred) of every queue, from the metrics endpoint.
+    fn paths(&self) -> Vec<(String, bool)> {
+        let text = metrics::fetch(&self.metrics).expect("metrics");
+        let samples = metrics::parse(&text);
+        (0..self.queues)
+            .map(|q| {
+                let s = samples
+                    .iter()
+                    .find(|s| {
+                        s.name == "vhost_iser_queue_path_info"
+                            && s.label("queue") == Some(q.to_string().as_str())
+                    })
+                    .unwrap_or_else(|| panic!("no path for queue {q} in\n{text}"));
+                (
+                    s.label("portal").unwrap_or("").to_string(),
+                    s.label("preferred") == Some("true"),
+                )
+            })
+            .collect()
+    }
+
+    fn path_changes(&self) -> f64 {
+        let text = metrics::fetch(&self.metrics).expect("metrics");
+        metrics::parse(&text)
+            .iter()
+            .find(|s| s.name == "vhost_iser_path_changes_total")
+            .map(|s| s.value)
+            .unwrap_or_else(|| panic!("no path_changes_total in\n{text}"))
+    }
+
+    /// Everything written is in tgtd's backing file and reads back.
+    fn verify_all(&mut self) {
+        for (&at, &seed) in &self.written {
+            let want = pattern(at, LEN, seed);
+            assert!(
+                file_bytes(&self.file, at, LEN) == want,
+                "backing file differs at {at}"
+            );
+            let off = 12 * MIB;
+            self.client.buf()[off..off + LEN].fill(0);
+            assert_eq!(self.client.read(0, at, off, LEN), 0);
+            assert!(self.client.buf()[off..off + LEN] == want[..]);
+        }
+    }
+}
+
+fn file_bytes(path: &Path, at: u64, len: usize) -> Vec<u8> {
+    let mut f = std::fs::File::open(path).expect("backing file");
+    f.seek(SeekFrom::Start(at)).unwrap();
+    let mut v = vec![0u8; len];
+    f.read_exact(&mut v).unwrap();
+    v
+}
+
+/// Cuts link `k` from another thread after `after`, while the I/O runs,
+/// and keeps the I/O going until `done(log)`; returns the time since the cut.
+fn cut_during_io(
+    rig: &mut Rig,
+    k: usize,
+    after: Duration,
+    what: &str,
+    done: impl Fn(&str) -> bool,
+) -> Duration {
+    let args = rig.ns.link_args(k, false);
+    let cut_at = std::thread::scope(|s| {
+        let h = s.spawn(move || {
+            std::thread::sleep(after);
+            support::netns::ip(&args.iter().map(String::as_str).collect::<Vec<_>>());
+            Instant::now()
+        });
+        let start = Instant::now();
+        while start.elapsed() < after + Duration::from_millis(100) {
+            rig.io_round();
+        }
+        h.join().expect("link cutter")
+    });
+    rig.io_until(what, done);
+    cut_at.elapsed()
+}
+
+#[test]
+fn round_robin_spreads_sessions_fails_over_and_back() {
+    let mut rig = Rig::new("rr", 4, Some("round-robin"));
+    let [a, b] = rig.portals.clone();
+    let spread = vec![
+        (a.clone(), true),
+        (b.clone(), true),
+        (a.clone(), true),
+        (b.clone(), true),
+    ];
+    for _ in 0..5 {
+        rig.io_round();
+    }
+    assert_eq!(rig.paths(), spread, "round-robin placement");
+    assert_eq!(rig.tgtd.sessions(), 4, "{}", rig.tgtd.show());
+
+    // Cut path A with I/O running: queues 0 and 2 move to B.
+    let down = format!("path {a} down, continuing on {b}");
+    let failover = cut_during_io(&mut rig, 0, Duration::from_millis(500), "failover", |log| {
+        log.matches(down.as_str()).count() >= 2
+    });
+    let log = rig.backend.log();
+    assert!(
+        log.contains("queue 0: ") && log.contains(&format!("queue 2: {down}")),
+        "{log}"
+    );
+    assert_eq!(
+        rig.paths(),
+        vec![
+            (b.clone(), false),
+            (b.clone(), true),
+            (b.clone(), false),
+            (b.clone(), true),
+        ],
+        "after the cut"
+    );
+    let worst_during_failover = rig.worst;
+    // Path A stays down a while: the probes fail, nobody moves.
+    rig.io_for(Duration::from_secs(6));
+    assert_eq!(
+        rig.paths()[0],
+        (b.clone(), false),
+        "moved back to a dead path"
+    );
+
+    // Restore A: they come back (probe, drain, logout, login) with I/O running.
+    rig.ns.set_link(0, true);
+    let back = format!("back on preferred path {a}");
+    let failback = rig.io_until("failback", |log| log.matches(back.as_str()).count() >= 2);
+    assert_eq!(rig.paths(), spread, "after the failback");
+    assert_eq!(rig.path_changes(), 4.0);
+    for _ in 0..5 {
+        rig.io_round();
+    }
+    rig.verify_all();
+    // One session per queue: the moves left nothing behind at the target.
+    assert_eq!(rig.tgtd.sessions(), 4, "{}", rig.tgtd.show());
+    eprintln!(
+        "round-robin, 4 queues: failover seen {failover:?} after the cut (slowest I/O round {worst_during_failover:?}); failback {failback:?} after the link came back; {} rounds",
+        rig.round
+    );
+    eprintln!("{}", rig.path_log());
+}
+
+#[test]
+fn active_standby_moves_to_standby_and_back() {
+    let mut rig = Rig::new("as", 2, None);
+    let [a, b] = rig.portals.clone();
+    for _ in 0..5 {
+        rig.io_round();
+    }
+    assert_eq!(rig.paths(), vec![(a.clone(), true), (a.clone(), true)]);
+
+    let down = format!("path {a} down, continuing on {b}");
+    let failover = cut_during_io(&mut rig, 0, Duration::from_millis(500), "failover", |log| {
+        log.matches(down.as_str()).count() >= 2
+    });
+    assert_eq!(rig.paths(), vec![(b.clone(), false), (b.clone(), false)]);
+    let worst_during_failover = rig.worst;
+    rig.io_for(Duration::from_secs(6));
+    assert_eq!(
+        rig.paths()[1],
+        (b.clone(), false),
+        "moved back to a dead path"
+    );
+
+    rig.ns.set_link(0, true);
+    let back = format!("back on preferred path {a}");
+    let failback = rig.io_until("failback", |log| log.matches(back.as_str()).count() >= 2);
+    assert_eq!(rig.paths(), vec![(a.clone(), true), (a.clone(), true)]);
+    rig.verify_all();
+    assert_eq!(rig.tgtd.sessions(), 2, "{}", rig.tgtd.show());
+    eprintln!(
+        "active-standby, 2 queues: failover seen {failover:?} after the cut (slowest I/O round {worst_during_failover:?}); failback {failback:?} after the link came back"
+    );
+    eprintln!("{}", rig.path_log());
+}
