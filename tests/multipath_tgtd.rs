@@ -361,3 +361,67 @@ fn active_standby_moves_to_standby_and_back() {
     );
     eprintln!("{}", rig.path_log());
 }
+
+/// Failback with a command that does not finish: new commands are held, the
+/// drain gives up after its bound (5 s), the session moves anyway and the
+/// hung command is re-issued on the preferred path, where it completes.
+#[test]
+fn failback_bounded_drain_reissues_a_hung_command() {
+    use support::fake_target::{FakeTarget, Misbehave};
+    let ns = Netns::new("hg", 232, 2);
+    let t = FakeTarget::start_in(Some(&ns.name), "0.0.0.0", 16 * MIB, false);
+    let [a, b] = [0, 1].map(|k| format!("{}:{}", ns.links[k].inner_ip, t.port()));
+    let url = format!("iscsi://{a}/{}/0", support::fake_target::FAKE_IQN);
+    let backend = Backend::start_env(
+        &["--target", &url, "--portal", &b],
+        &[(
+            "VHOST_ISER_TIMEOUTS",
+            "nop=1,nop_timeout=1,command=30,tmf=2,replacement=40",
+        )],
+    );
+    let mut c = Client::connect(&backend.socket, 1, 4 * MIB);
+    let write = |c: &mut Client, at: u64, seed: u8, off: usize| {
+        let data = pattern(at, LEN, seed);
+        c.buf()[off..off + LEN].copy_from_slice(&data);
+        let p = c.ptr(off);
+        c.queues[0].write(at, p, LEN, seed as usize, ReqFlags::empty());
+    };
+    write(&mut c, 0, 1, 0);
+    assert_eq!(c.wait(0, 1)[0].1, 0);
+
+    ns.set_link(0, false);
+    write(&mut c, 0, 2, 0);
+    assert_eq!(c.wait(0, 1)[0].1, 0, "{}", backend.log());
+    assert!(backend
+        .log()
+        .contains(&format!("queue 0: path {a} down, continuing on {b}")));
+
+    // Path A is back; the next command hangs on B.
+    ns.set_link(0, true);
+    let up = Instant::now();
+    t.arm(Misbehave::HangCommand, false);
+    write(&mut c, MIB as u64, 3, 0);
+    std::thread::sleep(Duration::from_millis(300));
+    write(&mut c, 2 * MIB as u64, 4, LEN);
+    let done = c.wait(0, 2);
+    let took = up.elapsed();
+    assert!(
+        done.iter().all(|&(_, r)| r == 0),
+        "{done:?}; log:\n{}",
+        backend.log()
+    );
+    let log = backend.log();
+    assert!(
+        log.contains(&format!(
+            "queue 0: 1 command(s) still running on {b} after 5s; moving anyway"
+        )),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("queue 0: back on preferred path {a}")),
+        "{log}"
+    );
+    assert_eq!(t.disk(MIB, LEN), pattern(MIB as u64, LEN, 3));
+    assert_eq!(t.disk(2 * MIB, LEN), pattern(2 * MIB as u64, LEN, 4));
+    eprintln!("failback past a hung command: both writes done {took:?} after the link came back");
+}

@@ -42,10 +42,15 @@ pub fn ip(args: &[&str]) {
 impl Netns {
     /// A namespace `vhiser-<tag>-<pid>` with `links` veth pairs: link k is
     /// 10.`net`.N.4k+1 here and 10.`net`.N.4k+2 inside (/30 each), where N
-    /// comes from the process id. `tag`/`net` keep test binaries apart.
+    /// comes from the process id and a counter. `tag` (short, unique per
+    /// test) and `net` (per test binary) keep them apart.
     pub fn new(tag: &str, net: u8, links: usize) -> Netns {
         assert!(links <= 60, "at most 60 links");
-        let id = std::process::id() % 250;
+        // Distinct subnets for up to 4 namespaces per process (tests run
+        // in parallel threads).
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 4;
+        let id = (std::process::id() % 64) * 4 + seq;
         let name = format!("vhiser-{tag}-{}", std::process::id());
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
         let mut ns = Netns {
