@@ -314,6 +314,15 @@ fn round_robin_spreads_sessions_fails_over_and_back() {
     let back = format!("back on preferred path {a}");
     let failback = rig.io_until("failback", |log| log.matches(back.as_str()).count() >= 2);
     assert_eq!(rig.paths(), spread, "after the failback");
+    let log = rig.backend.log();
+    for q in [0, 2] {
+        assert!(
+            log.contains(&format!(
+                "queue {q}: logged out of {b} to move back to the preferred path"
+            )),
+            "queue {q} did not log out cleanly:\n{log}"
+        );
+    }
     assert_eq!(rig.path_changes(), 4.0);
     for _ in 0..5 {
         rig.io_round();

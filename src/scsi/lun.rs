@@ -1111,11 +1111,17 @@ impl LunQueue {
     fn move_to_preferred(&mut self, drained: bool) {
         let from = self.session.portal().to_string();
         if drained {
-            if let Err(e) = self.session.logout(LOGOUT_TIMEOUT) {
-                warn!(
+            // Blocks this queue's worker for one round trip (at most
+            // LOGOUT_TIMEOUT); its commands are held meanwhile anyway.
+            match self.session.logout(LOGOUT_TIMEOUT) {
+                Ok(()) => info!(
+                    "queue {}: logged out of {from} to move back to the preferred path",
+                    self.index
+                ),
+                Err(e) => warn!(
                     "queue {}: logout from {from} before the failback: {e}; dropping the connection",
                     self.index
-                );
+                ),
             }
         } else {
             warn!(
