@@ -264,6 +264,65 @@ fn cut_during_io(
     cut_at.elapsed()
 }
 
+/// What one cut-and-restore of path A measured.
+struct Moves {
+    /// From the cut until every session on A had moved.
+    failover: Duration,
+    /// The slowest I/O round across the failover.
+    worst: Duration,
+    /// From the link's return until every moved session was back.
+    failback: Duration,
+}
+
+impl Rig {
+    /// Cuts path A (link 0) with I/O running: the sessions of `on_a` move to
+    /// B and stay there while A is down (6 s: the probes fail); A comes
+    /// back: they log out of B and return to A. No request fails meanwhile.
+    fn cut_and_restore_a(&mut self, on_a: &[usize]) -> Moves {
+        let [a, b] = self.portals.clone();
+        let down = format!("path {a} down, continuing on {b}");
+        let failover = cut_during_io(self, 0, Duration::from_millis(500), "failover", |log| {
+            log.matches(down.as_str()).count() >= on_a.len()
+        });
+        let worst = self.worst;
+        let log = self.backend.log();
+        let paths = self.paths();
+        for &q in on_a {
+            assert!(log.contains(&format!("queue {q}: {down}")), "{log}");
+            assert_eq!(paths[q], (b.clone(), false), "queue {q} after the cut");
+        }
+        self.io_for(Duration::from_secs(6));
+        assert_eq!(self.paths(), paths, "moved while path A was down");
+
+        self.ns.set_link(0, true);
+        let back = format!("back on preferred path {a}");
+        let failback = self.io_until("failback", |log| {
+            log.matches(back.as_str()).count() >= on_a.len()
+        });
+        let log = self.backend.log();
+        for &q in on_a {
+            let bye = format!("queue {q}: logged out of {b} to move back to the preferred path");
+            assert!(
+                log.contains(&bye),
+                "queue {q} did not log out cleanly:\n{log}"
+            );
+        }
+        assert_eq!(self.path_changes(), 2.0 * on_a.len() as f64);
+        for _ in 0..5 {
+            self.io_round();
+        }
+        self.verify_all();
+        // One session per queue: the moves left nothing behind at the target.
+        assert_eq!(self.tgtd.sessions(), self.queues, "{}", self.tgtd.show());
+        eprintln!("{}", self.path_log());
+        Moves {
+            failover,
+            worst,
+            failback,
+        }
+    }
+}
+
 #[test]
 fn round_robin_spreads_sessions_fails_over_and_back() {
     let mut rig = Rig::new("rr", 4, Some("round-robin"));
@@ -279,96 +338,29 @@ fn round_robin_spreads_sessions_fails_over_and_back() {
     }
     assert_eq!(rig.paths(), spread, "round-robin placement");
     assert_eq!(rig.tgtd.sessions(), 4, "{}", rig.tgtd.show());
-
-    // Cut path A with I/O running: queues 0 and 2 move to B.
-    let down = format!("path {a} down, continuing on {b}");
-    let failover = cut_during_io(&mut rig, 0, Duration::from_millis(500), "failover", |log| {
-        log.matches(down.as_str()).count() >= 2
-    });
-    let log = rig.backend.log();
-    assert!(
-        log.contains("queue 0: ") && log.contains(&format!("queue 2: {down}")),
-        "{log}"
-    );
-    assert_eq!(
-        rig.paths(),
-        vec![
-            (b.clone(), false),
-            (b.clone(), true),
-            (b.clone(), false),
-            (b.clone(), true),
-        ],
-        "after the cut"
-    );
-    let worst_during_failover = rig.worst;
-    // Path A stays down a while: the probes fail, nobody moves.
-    rig.io_for(Duration::from_secs(6));
-    assert_eq!(
-        rig.paths()[0],
-        (b.clone(), false),
-        "moved back to a dead path"
-    );
-
-    // Restore A: they come back (probe, drain, logout, login) with I/O running.
-    rig.ns.set_link(0, true);
-    let back = format!("back on preferred path {a}");
-    let failback = rig.io_until("failback", |log| log.matches(back.as_str()).count() >= 2);
+    let m = rig.cut_and_restore_a(&[0, 2]);
     assert_eq!(rig.paths(), spread, "after the failback");
-    let log = rig.backend.log();
-    for q in [0, 2] {
-        assert!(
-            log.contains(&format!(
-                "queue {q}: logged out of {b} to move back to the preferred path"
-            )),
-            "queue {q} did not log out cleanly:\n{log}"
-        );
-    }
-    assert_eq!(rig.path_changes(), 4.0);
-    for _ in 0..5 {
-        rig.io_round();
-    }
-    rig.verify_all();
-    // One session per queue: the moves left nothing behind at the target.
-    assert_eq!(rig.tgtd.sessions(), 4, "{}", rig.tgtd.show());
     eprintln!(
-        "round-robin, 4 queues: failover seen {failover:?} after the cut (slowest I/O round {worst_during_failover:?}); failback {failback:?} after the link came back; {} rounds",
-        rig.round
+        "round-robin, 4 queues: failover {:?} after the cut (slowest I/O round {:?}); failback {:?} after the link came back; {} rounds",
+        m.failover, m.worst, m.failback, rig.round
     );
-    eprintln!("{}", rig.path_log());
 }
 
 #[test]
 fn active_standby_moves_to_standby_and_back() {
     let mut rig = Rig::new("as", 2, None);
-    let [a, b] = rig.portals.clone();
+    let a = rig.portals[0].clone();
     for _ in 0..5 {
         rig.io_round();
     }
-    assert_eq!(rig.paths(), vec![(a.clone(), true), (a.clone(), true)]);
-
-    let down = format!("path {a} down, continuing on {b}");
-    let failover = cut_during_io(&mut rig, 0, Duration::from_millis(500), "failover", |log| {
-        log.matches(down.as_str()).count() >= 2
-    });
-    assert_eq!(rig.paths(), vec![(b.clone(), false), (b.clone(), false)]);
-    let worst_during_failover = rig.worst;
-    rig.io_for(Duration::from_secs(6));
-    assert_eq!(
-        rig.paths()[1],
-        (b.clone(), false),
-        "moved back to a dead path"
-    );
-
-    rig.ns.set_link(0, true);
-    let back = format!("back on preferred path {a}");
-    let failback = rig.io_until("failback", |log| log.matches(back.as_str()).count() >= 2);
-    assert_eq!(rig.paths(), vec![(a.clone(), true), (a.clone(), true)]);
-    rig.verify_all();
-    assert_eq!(rig.tgtd.sessions(), 2, "{}", rig.tgtd.show());
+    let all_on_a = vec![(a.clone(), true), (a.clone(), true)];
+    assert_eq!(rig.paths(), all_on_a);
+    let m = rig.cut_and_restore_a(&[0, 1]);
+    assert_eq!(rig.paths(), all_on_a, "after the failback");
     eprintln!(
-        "active-standby, 2 queues: failover seen {failover:?} after the cut (slowest I/O round {worst_during_failover:?}); failback {failback:?} after the link came back"
+        "active-standby, 2 queues: failover {:?} after the cut (slowest I/O round {:?}); failback {:?} after the link came back",
+        m.failover, m.worst, m.failback
     );
-    eprintln!("{}", rig.path_log());
 }
 
 /// Failback with a command that does not finish: new commands are held, the

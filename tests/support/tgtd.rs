@@ -76,13 +76,27 @@ impl Tgtd {
     }
 
     fn try_start(tgtd: &Path, tgtadm: &Path, port: u16) -> Result<Tgtd, String> {
-        let dir = super::unique_tmp_dir();
-        let log = dir.path().join("tgtd.log");
         // The control port (tgtd accepts 0..=32767) only has to be unique among live
         // tgtds; derive it from the unique TCP port. A clash makes tgtd exit ("another
         // tgtd is using ...lock") and start() retries with another port.
         let control_port = 1000 + port % 31000;
-        let child = Self::spawn(tgtd, port, control_port, &log)?;
+        let portal = format!("127.0.0.1:{port}");
+        Self::try_start_at(tgtd, tgtadm, &portal, None, port, control_port)
+    }
+
+    /// Starts tgtd with its portal at `portal` (port `port`), in the network
+    /// namespace open at `netns` when given, and waits until it is ready.
+    fn try_start_at(
+        tgtd: &Path,
+        tgtadm: &Path,
+        portal: &str,
+        netns: Option<std::os::fd::RawFd>,
+        port: u16,
+        control_port: u16,
+    ) -> Result<Tgtd, String> {
+        let dir = super::unique_tmp_dir();
+        let log = dir.path().join("tgtd.log");
+        let child = Self::spawn_in(tgtd, portal, netns, control_port, &log)?;
         let mut t = Tgtd {
             child,
             port,
@@ -116,36 +130,15 @@ impl Tgtd {
         let ns_path = format!("/var/run/netns/{netns}");
         let ns = fs::File::open(&ns_path).unwrap_or_else(|e| panic!("open {ns_path}: {e}"));
         let port = 3260;
+        let portal = format!("0.0.0.0:{port}");
         let mut last_err = String::new();
         for _attempt in 0..8 {
             // Unique among live tgtds (they share /var/run/tgtd): from a free port.
             let control_port = 1000 + free_port() % 31000;
-            let dir = super::unique_tmp_dir();
-            let log = dir.path().join("tgtd.log");
-            let portal = format!("0.0.0.0:{port}");
             use std::os::fd::AsRawFd;
-            let child =
-                match Self::spawn_in(&tgtd, &portal, Some(ns.as_raw_fd()), control_port, &log) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        last_err = e;
-                        continue;
-                    }
-                };
-            let mut t = Tgtd {
-                child,
-                port,
-                control_port,
-                tgtadm: tgtadm.clone(),
-                log,
-                _dir: dir,
-                targets: Vec::new(),
-                accounts: HashSet::new(),
-                backing_files: Vec::new(),
-                history: Default::default(),
-            };
-            match t.wait_listening() {
-                Ok(()) => return t,
+            let fd = Some(ns.as_raw_fd());
+            match Self::try_start_at(&tgtd, &tgtadm, &portal, fd, port, control_port) {
+                Ok(t) => return t,
                 Err(e) => last_err = e,
             }
         }
