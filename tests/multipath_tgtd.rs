@@ -109,14 +109,7 @@ impl Rig {
             self.client.queues[q].write(at(q), p, LEN, 1, ReqFlags::empty());
         }
         for q in 0..self.queues {
-            let r = self.client.wait(q, 1)[0].1;
-            assert_eq!(
-                r,
-                0,
-                "write on queue {q} failed (round {}); log:\n{}",
-                self.round,
-                self.backend.log()
-            );
+            self.wait_ok(q, "write");
             self.written.insert(at(q), seed);
         }
         let base = 8 * MIB;
@@ -126,14 +119,7 @@ impl Rig {
             self.client.queues[q].read(at(q), p, LEN, 1, ReqFlags::empty());
         }
         for q in 0..self.queues {
-            let r = self.client.wait(q, 1)[0].1;
-            assert_eq!(
-                r,
-                0,
-                "read on queue {q} failed (round {}); log:\n{}",
-                self.round,
-                self.backend.log()
-            );
+            self.wait_ok(q, "read");
             let got = &self.client.buf()[base + q * LEN..base + (q + 1) * LEN];
             assert!(
                 got == pattern(at(q), LEN, seed).as_slice(),
@@ -142,6 +128,18 @@ impl Rig {
             );
         }
         self.worst = self.worst.max(start.elapsed());
+    }
+
+    /// Waits for queue `q`'s request, which must succeed.
+    fn wait_ok(&mut self, q: usize, what: &str) {
+        let r = self.client.wait(q, 1)[0].1;
+        assert_eq!(
+            r,
+            0,
+            "{what} on queue {q} failed (round {}); log:\n{}",
+            self.round,
+            self.backend.log()
+        );
     }
 
     /// Keeps the I/O going for `d`.
