@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::cdb::{self, RwFlags, UnmapDescriptor, WriteSameFlags};
 use super::disk::{split_range, LunInfo, LunProber, ProbeResult};
@@ -365,6 +366,11 @@ pub struct LunQueue {
     capacity_probe: bool,
     /// Where the session is and wants to be (several portals).
     path: PathState,
+    /// Written by the login and probe helper threads when their result is
+    /// ready, so it is taken at once rather than at the next tick.
+    wake: EventFd,
+    /// Helper threads whose wake-up has not been read yet.
+    wakes_expected: u64,
 }
 
 /// Path management of one queue: failover is the reconnect (other portals
@@ -464,6 +470,14 @@ impl LunQueue {
                 EpollEvent::new(EventSet::IN, 1),
             )
             .map_err(setup)?;
+        let wake = EventFd::new(EFD_NONBLOCK).map_err(setup)?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                wake.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, 2),
+            )
+            .map_err(setup)?;
         let lun = factory.lun();
         let zero_block = Arc::new(IoBuffers::from_vec(vec![0u8; info.block_size as usize]));
         let preferred = factory.preferred_portal(index);
@@ -508,7 +522,32 @@ impl LunQueue {
                 probe_interval: FAILBACK_PROBE_INTERVAL,
                 ..PathState::default()
             },
+            wake,
+            wakes_expected: 0,
         })
+    }
+
+    /// Runs `job` on a helper thread named `name`; its result comes back
+    /// through the returned channel, and the queue's epoll wakes up for it.
+    fn spawn_helper<T: Send + 'static>(
+        &mut self,
+        name: String,
+        job: impl FnOnce() -> T + Send + 'static,
+    ) -> std::io::Result<std::sync::mpsc::Receiver<T>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Without a wake-up the result is still taken, at the next tick.
+        let wake = self.wake.try_clone().ok();
+        let expect = wake.is_some();
+        std::thread::Builder::new().name(name).spawn(move || {
+            let _ = tx.send(job());
+            if let Some(w) = wake {
+                let _ = w.write(1);
+            }
+        })?;
+        if expect {
+            self.wakes_expected += 1;
+        }
+        Ok(rx)
     }
 
     fn new_parent(&mut self, tag: u64, data: Option<Arc<IoBuffers>>) -> usize {
@@ -935,18 +974,15 @@ impl LunQueue {
                 self.last_reconnect = Some(Instant::now());
                 // Log in on a helper thread: a login can take up to the login
                 // timeout, and the queue must keep running its timers meanwhile.
-                let (tx, rx) = std::sync::mpsc::channel();
                 let (factory, index) = (self.factory.clone(), self.index);
                 // After a loss the other paths go first; a failback starts
                 // with the preferred one.
                 let avoid = (!self.path.failing_back).then(|| self.session.portal().to_string());
-                let spawned = std::thread::Builder::new()
-                    .name(format!("login-q{index}"))
-                    .spawn(move || {
-                        let _ = tx.send(factory.open_avoiding(index, avoid.as_deref()));
-                    });
+                let spawned = self.spawn_helper(format!("login-q{index}"), move || {
+                    factory.open_avoiding(index, avoid.as_deref())
+                });
                 match spawned {
-                    Ok(_) => self.login = Some(rx),
+                    Ok(rx) => self.login = Some(rx),
                     Err(e) => warn!("queue {}: cannot start a login thread: {e}", self.index),
                 }
                 return;
@@ -1090,15 +1126,12 @@ impl LunQueue {
             return;
         }
         self.path.last_probe = Some(Instant::now());
-        let (tx, rx) = std::sync::mpsc::channel();
         let factory = self.factory.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("probe-q{}", self.index))
-            .spawn(move || {
-                let _ = tx.send(factory.probe(&preferred));
-            });
+        let spawned = self.spawn_helper(format!("probe-q{}", self.index), move || {
+            factory.probe(&preferred)
+        });
         match spawned {
-            Ok(_) => self.path.probe = Some(rx),
+            Ok(rx) => self.path.probe = Some(rx),
             Err(e) => warn!("queue {}: cannot start a path probe: {e}", self.index),
         }
     }
@@ -1150,6 +1183,15 @@ impl LunQueue {
             if n > 0 {
                 self.next_tick += TICK * n.min(u32::MAX as u64) as u32;
                 self.on_tick();
+            }
+        }
+        // A login or probe finished: take its result now. (Only while a
+        // helper runs: no system call on the data path otherwise.)
+        if self.wakes_expected > 0 {
+            if let Ok(n) = self.wake.read() {
+                self.wakes_expected = self.wakes_expected.saturating_sub(n);
+                self.maybe_reconnect();
+                self.manage_path();
             }
         }
         let mut results = std::mem::take(&mut self.results);
