@@ -338,6 +338,18 @@ fn round_robin_spreads_sessions_fails_over_and_back() {
     assert_eq!(rig.tgtd.sessions(), 4, "{}", rig.tgtd.show());
     let m = rig.cut_and_restore_a(&[0, 2]);
     assert_eq!(rig.paths(), spread, "after the failback");
+    // `vhost-iser stats` shows where each queue is.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vhost-iser"))
+        .args(["stats", "--metrics", &rig.metrics.to_string()])
+        .output()
+        .expect("run vhost-iser stats");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains(&format!(
+            "paths: q0 {a}, q1 {b}, q2 {a}, q3 {b}   path changes: 4"
+        )),
+        "{table}"
+    );
     eprintln!(
         "round-robin, 4 queues: failover {:?} after the cut (slowest I/O round {:?}); failback {:?} after the link came back; {} rounds",
         m.failover, m.worst, m.failback, rig.round
