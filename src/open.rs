@@ -196,6 +196,15 @@ struct IscsiSessions {
     memory: Option<Arc<GuestMemoryRegistration>>,
 }
 
+impl IscsiSessions {
+    fn login_error(&self, queue: usize, e: crate::iscsi::connect::ConnectError) -> TargetError {
+        TargetError::Setup {
+            context: format!("queue {queue}: cannot log in to {}", self.describe),
+            source: Box::new(e),
+        }
+    }
+}
+
 impl SessionFactory for IscsiSessions {
     fn open(&self, queue: usize) -> Result<Session, TargetError> {
         self.open_avoiding(queue, None)
@@ -204,10 +213,13 @@ impl SessionFactory for IscsiSessions {
     fn open_avoiding(&self, queue: usize, avoid: Option<&str>) -> Result<Session, TargetError> {
         self.connector
             .open_avoiding(queue, avoid)
-            .map_err(|e| TargetError::Setup {
-                context: format!("queue {queue}: cannot log in to {}", self.describe),
-                source: Box::new(e),
-            })
+            .map_err(|e| self.login_error(queue, e))
+    }
+
+    fn open_preferred(&self, queue: usize) -> Result<Session, TargetError> {
+        self.connector
+            .open_preferred(queue)
+            .map_err(|e| self.login_error(queue, e))
     }
 
     fn preferred_portal(&self, queue: usize) -> Option<String> {

@@ -32,6 +32,7 @@ const MOVE_TIMEOUT: Duration = Duration::from_secs(30);
 struct Rig {
     ns: Netns,
     tgtd: Tgtd,
+    tid: u32,
     file: PathBuf,
     backend: Backend,
     client: Client,
@@ -82,6 +83,7 @@ impl Rig {
         Rig {
             ns,
             tgtd,
+            tid,
             file,
             backend,
             client,
@@ -157,9 +159,16 @@ impl Rig {
             .log()
             .lines()
             .filter(|l| {
-                ["path", "logged in", "logout", "re-issuing", "lost"]
-                    .iter()
-                    .any(|w| l.contains(w))
+                [
+                    "path",
+                    "logged",
+                    "re-issuing",
+                    "lost",
+                    "reconnected",
+                    "continuing",
+                ]
+                .iter()
+                .any(|w| l.contains(w))
             })
             .collect::<Vec<_>>()
             .join("\n")
@@ -373,6 +382,41 @@ fn active_standby_moves_to_standby_and_back() {
     );
 }
 
+/// The preferred path answers the probe but its login is refused: the
+/// session goes straight back to the other path (I/O goes on), and moves
+/// back on a later probe once logins over that path are allowed again.
+#[test]
+fn refused_failback_returns_to_the_other_path_and_retries() {
+    let mut rig = Rig::new("rf", 1, None);
+    let [a, b] = rig.portals.clone();
+    rig.io_for(Duration::from_millis(300));
+    let down = format!("queue 0: path {a} down, continuing on {b}");
+    cut_during_io(&mut rig, 0, Duration::from_millis(300), "failover", |log| {
+        log.contains(&down)
+    });
+    // Only logins arriving over link B are allowed from now on.
+    rig.tgtd.address_acl(rig.tid, false, "ALL");
+    rig.tgtd
+        .address_acl(rig.tid, true, &rig.ns.links[1].host_ip);
+    rig.ns.set_link(0, true);
+    let refused = format!("queue 0: preferred path {a} did not take the session back");
+    let continuing = format!("queue 0: continuing on {b}");
+    rig.io_until("refused failback", |log| {
+        log.contains(&refused) && log.contains(&continuing)
+    });
+    rig.io_for(Duration::from_millis(500));
+    assert_eq!(rig.paths(), vec![(b.clone(), false)], "{}", rig.path_log());
+    // Allowed again: the next probe (10 s: doubled after the refusal) brings it back.
+    rig.tgtd.address_acl(rig.tid, true, "ALL");
+    let back = format!("queue 0: back on preferred path {a}");
+    let took = rig.io_until("failback", |log| log.contains(&back));
+    assert_eq!(rig.paths(), vec![(a.clone(), true)]);
+    rig.verify_all();
+    assert_eq!(rig.tgtd.sessions(), 1, "{}", rig.tgtd.show());
+    eprintln!("refused failback: back {took:?} after logins were allowed again");
+    eprintln!("{}", rig.path_log());
+}
+
 /// Failback with a command that does not finish: new commands are held, the
 /// drain gives up after its bound (5 s), the session moves anyway and the
 /// hung command is re-issued on the preferred path, where it completes.
@@ -407,11 +451,12 @@ fn failback_bounded_drain_reissues_a_hung_command() {
         .log()
         .contains(&format!("queue 0: path {a} down, continuing on {b}")));
 
-    // Path A is back; the next command hangs on B.
-    ns.set_link(0, true);
-    let up = Instant::now();
+    // A command hangs on B; then path A comes back.
     t.arm(Misbehave::HangCommand, false);
     write(&mut c, MIB as u64, 3, 0);
+    std::thread::sleep(Duration::from_millis(300));
+    ns.set_link(0, true);
+    let up = Instant::now();
     std::thread::sleep(Duration::from_millis(300));
     write(&mut c, 2 * MIB as u64, 4, LEN);
     let done = c.wait(0, 2);

@@ -214,11 +214,10 @@ impl Connector {
         queue: usize,
         avoid: Option<&str>,
     ) -> Result<Session, ConnectError> {
-        let mut isid = self.isid_base;
-        isid[4..6].copy_from_slice(&(queue as u16).to_be_bytes());
+        let isid = self.isid(queue);
         let mut last = None;
         for portal in self.portal_order(queue, avoid) {
-            match self.login_following_redirects(portal, isid) {
+            match self.login_following_redirects(portal, isid, self.cfg.login_timeout) {
                 Ok(s) => return Ok(s),
                 Err(e) => {
                     warn!("queue {queue}: {e}");
@@ -244,6 +243,25 @@ impl Connector {
         })
     }
 
+    /// Logs in a session for queue `queue` on its preferred portal only,
+    /// allowing the connect no more than the probe's time (a failback: the
+    /// portal just answered a probe; if it no longer does, the queue should
+    /// not wait the whole login timeout before going back to another path).
+    pub fn open_preferred(&self, queue: usize) -> Result<Session, ConnectError> {
+        let portal = &self.cfg.portals[self.preferred_index(queue)];
+        let dial_timeout = PROBE_TIMEOUT.min(self.cfg.login_timeout);
+        self.login_following_redirects(portal, self.isid(queue), dial_timeout)
+    }
+
+    /// Our ISID for queue `queue`: the process's random part, the queue as
+    /// qualifier. The same on every portal, so a session keeps its I_T nexus
+    /// identity (and SCSI reservations) when it moves.
+    fn isid(&self, queue: usize) -> [u8; 6] {
+        let mut isid = self.isid_base;
+        isid[4..6].copy_from_slice(&(queue as u16).to_be_bytes());
+        isid
+    }
+
     /// Whether `portal` answers a connect (TCP, or RDMA CM for iSER) within
     /// a short timeout; the connection is closed at once, without a login.
     pub fn probe(&self, portal: &str) -> Result<(), TransportError> {
@@ -254,10 +272,11 @@ impl Connector {
         &self,
         first: &str,
         isid: [u8; 6],
+        dial_timeout: Duration,
     ) -> Result<Session, ConnectError> {
         let mut portal = first.to_string();
         for _ in 0..=MAX_REDIRECTS {
-            match self.login_once(&portal, isid)? {
+            match self.login_once(&portal, isid, dial_timeout)? {
                 LoginResult::Session(s) => return Ok(*s),
                 LoginResult::Redirect(to) => {
                     info!("login to {portal}: redirected to {to}");
@@ -270,9 +289,14 @@ impl Connector {
         })
     }
 
-    fn login_once(&self, portal: &str, isid: [u8; 6]) -> Result<LoginResult, ConnectError> {
+    fn login_once(
+        &self,
+        portal: &str,
+        isid: [u8; 6],
+        dial_timeout: Duration,
+    ) -> Result<LoginResult, ConnectError> {
         let deadline = Instant::now() + self.cfg.login_timeout;
-        let mut conn = (self.cfg.dial)(portal, self.cfg.login_timeout)?;
+        let mut conn = (self.cfg.dial)(portal, dial_timeout)?;
         let mut lc = LoginConfig::new(
             portal,
             &self.cfg.initiator_name,

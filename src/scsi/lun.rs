@@ -51,6 +51,11 @@ pub trait SessionFactory: Send + Sync {
     fn open_avoiding(&self, queue: usize, _avoid: Option<&str>) -> Result<Session, TargetError> {
         self.open(queue)
     }
+    /// Logs in a new session for queue `queue` on its preferred portal only
+    /// (a failback), failing fast when that portal does not answer.
+    fn open_preferred(&self, queue: usize) -> Result<Session, TargetError> {
+        self.open(queue)
+    }
     /// The portal queue `queue` prefers when the target has several (its
     /// session moves back there once it answers again); `None`: no choice.
     fn preferred_portal(&self, _queue: usize) -> Option<String> {
@@ -392,6 +397,11 @@ struct PathState {
     held: Vec<ScsiCommandReq>,
     /// The login in progress is a planned move back to the preferred portal.
     failing_back: bool,
+    /// The portal the next reconnect tries last (default: the lost one).
+    avoid_next: Option<String>,
+    /// The login in progress returns to the other paths after a refused
+    /// failback.
+    returning: bool,
 }
 
 /// Parent slot of internal commands (READ CAPACITY after a unit attention).
@@ -977,9 +987,17 @@ impl LunQueue {
                 let (factory, index) = (self.factory.clone(), self.index);
                 // After a loss the other paths go first; a failback starts
                 // with the preferred one.
-                let avoid = (!self.path.failing_back).then(|| self.session.portal().to_string());
+                let failing_back = self.path.failing_back;
+                let avoid = match self.path.avoid_next.take() {
+                    Some(p) => p,
+                    None => self.session.portal().to_string(),
+                };
                 let spawned = self.spawn_helper(format!("login-q{index}"), move || {
-                    factory.open_avoiding(index, avoid.as_deref())
+                    if failing_back {
+                        factory.open_preferred(index)
+                    } else {
+                        factory.open_avoiding(index, Some(&avoid))
+                    }
                 });
                 match spawned {
                     Ok(rx) => self.login = Some(rx),
@@ -1014,14 +1032,31 @@ impl LunQueue {
                 self.note_new_path(self.session.portal().to_string(), s.portal());
                 self.session = s;
             }
+            Err(e) if std::mem::take(&mut self.path.failing_back) => {
+                // Back to the other paths at once; the commands wait meanwhile.
+                self.path.probe_interval =
+                    (self.path.probe_interval * 2).min(FAILBACK_PROBE_MAX_INTERVAL);
+                self.path.avoid_next = self.path.preferred.clone();
+                self.path.returning = true;
+                self.last_reconnect = None;
+                warn!(
+                    "queue {}: preferred path {} did not take the session back ({}); returning to the other paths (next try in {:?})",
+                    self.index,
+                    self.path.preferred.as_deref().unwrap_or("?"),
+                    with_cause(&e),
+                    self.path.probe_interval
+                );
+                self.maybe_reconnect();
+            }
             Err(e) => {
                 crate::metrics::RECONNECT_FAILURES
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 warn!(
-                    "queue {}: reconnect to {} failed (next try in {:?}): {e}",
+                    "queue {}: reconnect to {} failed (next try in {:?}): {}",
                     self.index,
                     self.factory.describe(),
-                    self.reconnect_backoff
+                    self.reconnect_backoff,
+                    with_cause(&e)
                 );
                 self.reconnect_backoff = (self.reconnect_backoff * 2).min(RECONNECT_MAX_INTERVAL);
             }
@@ -1044,7 +1079,7 @@ impl LunQueue {
                 self.path.probe_interval =
                     (self.path.probe_interval * 2).min(FAILBACK_PROBE_MAX_INTERVAL);
                 warn!(
-                    "queue {}: preferred path {} did not take the session back; continuing on {new} (next try in {:?})",
+                    "queue {}: preferred path {} sent the session elsewhere; continuing on {new} (next try in {:?})",
                     self.index,
                     self.path.preferred.as_deref().unwrap_or("?"),
                     self.path.probe_interval
@@ -1052,16 +1087,19 @@ impl LunQueue {
             }
             return;
         }
+        if std::mem::take(&mut self.path.returning) {
+            if new != old {
+                crate::metrics::PATH_CHANGES.fetch_add(1, Relaxed);
+            }
+            info!("queue {}: continuing on {new}", self.index);
+            return;
+        }
         crate::metrics::RECONNECTS.fetch_add(1, Relaxed);
         if new != old {
             crate::metrics::PATH_CHANGES.fetch_add(1, Relaxed);
             warn!("queue {}: path {old} down, continuing on {new}", self.index);
         } else {
-            info!(
-                "queue {}: reconnected to {}",
-                self.index,
-                self.factory.describe()
-            );
+            info!("queue {}: reconnected to {new}", self.index);
         }
     }
 
@@ -1292,6 +1330,15 @@ impl Drop for LunQueue {
         if n > 0 {
             warn!("queue {}: dropped with {n} requests in flight", self.index);
         }
+    }
+}
+
+/// "error: its cause", for a log line (a setup error's own text is only
+/// what was being done).
+fn with_cause(e: &TargetError) -> String {
+    match std::error::Error::source(e) {
+        Some(c) => format!("{e}: {c}"),
+        None => e.to_string(),
     }
 }
 

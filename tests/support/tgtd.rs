@@ -405,6 +405,14 @@ impl Tgtd {
         ]);
     }
 
+    /// Allows (`allow`) or stops allowing logins to `tid` from initiator
+    /// address `address` ("ALL": any). Sessions already open stay.
+    pub fn address_acl(&self, tid: u32, allow: bool, address: &str) {
+        let t = tid.to_string();
+        let op = if allow { "bind" } else { "unbind" };
+        self.must(&["--mode", "target", "--op", op, "--tid", &t, "-I", address]);
+    }
+
     /// Requires one-way CHAP on `tid`: the initiator must answer as `user`/`secret`.
     pub fn set_chap(&mut self, tid: u32, user: &str, secret: &str) {
         self.new_account(user, secret);
