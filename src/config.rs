@@ -87,7 +87,8 @@ paths. When a path fails, its sessions log in again on another portal and re-iss
 unfinished commands in order; I/O continues. A session away from its preferred portal \
 probes it every 5 s (a bare connect, off the data path); when it answers, the session \
 holds new commands, lets the ones in flight finish (at most 5 s, after which they are \
-re-issued), logs out and logs in on the preferred portal again.
+re-issued), logs out and logs in on the preferred portal again. If that login fails, the \
+session returns to the other portals at once and the probe interval doubles (up to 5 min).
 
 A mem:SIZE target keeps the disk in RAM, for tests and for measuring the vhost layer alone.
 
