@@ -14,6 +14,7 @@ use serde::Deserialize;
 use thiserror::Error;
 use toml::Spanned;
 
+use crate::iscsi::connect::PathPolicy;
 use crate::iscsi::params::{DigestKind, ParamOffer};
 use crate::iscsi::session::SessionTimeouts;
 use crate::metrics::MetricsAddr;
@@ -61,7 +62,7 @@ Examples:
 const CONFIG_HELP: &str = "\
 Read options from a TOML file. Keys are the long option names:
 socket, target, queues, queue-size, read-only, serial, log-level, initiator-name,
-portal (an array), chap-user, chap-secret-file, target-chap-user,
+portal (an array), path-policy, chap-user, chap-secret-file, target-chap-user,
 target-chap-secret-file, digests, chap-sha256, timeouts, metrics.
 Options on the command line override the file. Relative paths are relative to the
 file's directory. Secrets are refused: name a file holding them (chap-secret-file).
@@ -70,6 +71,7 @@ Example:
   socket = \"/run/vm1-disk.sock\"
   target = \"iscsi://vm1@192.0.2.10/iqn.2003-01.org.example:store/0\"
   portal = [\"192.0.2.11:3260\"]
+  path-policy = \"round-robin\"
   chap-secret-file = \"vm1.secret\"
   queues = 4
   metrics = \"unix:/run/vm1-disk.metrics\"";
@@ -79,7 +81,17 @@ vhost-iser serves one virtual machine's disk as a vhost-user-blk device: QEMU (o
 vhost-user frontend, such as libblkio) connects to the unix socket given with --socket, and \
 every virtio-blk request of the guest becomes an iSCSI command to a remote target, over iSER \
 (RDMA) or TCP. Each virtqueue has its own worker thread and its own iSCSI session; a lost \
-connection is re-established (other portals given with --portal are tried in order).
+connection is re-established.
+
+Multipath: the target's portals (the URL's, then each --portal) are paths to the same LUN. \
+With --path-policy active-standby (the default) every queue's session runs on the first \
+portal; with round-robin queue i prefers portal i mod n, spreading the sessions over the \
+paths. When a path fails, its sessions log in again on another portal and re-issue their \
+unfinished commands in order; I/O continues. A session away from its preferred portal \
+probes it every 5 s (a bare connect, off the data path); when it answers, the session \
+holds new commands, lets the ones in flight finish (at most 5 s, after which they are \
+re-issued), logs out and logs in on the preferred portal again. If that login fails, the \
+session returns to the other portals at once and the probe interval doubles (up to 5 min).
 
 A mem:SIZE target keeps the disk in RAM, for tests and for measuring the vhost layer alone.
 
@@ -108,7 +120,7 @@ vhost-iser discover --portal HOST[:PORT] [--initiator-name IQN]
         "CONFIGURATION FILE",
         "--config FILE reads TOML; the keys are the long option names:
   socket, target, queues, queue-size, read-only, serial, log-level,
-  initiator-name, portal (an array of \"host:port\"), chap-user,
+  initiator-name, portal (an array of \"host:port\"), path-policy, chap-user,
   chap-secret-file, target-chap-user, target-chap-secret-file, digests,
   chap-sha256, timeouts, metrics.
 Options on the command line override the file (--portal replaces the
@@ -138,6 +150,10 @@ and a client that sends nothing (or shuts down its write side) within
       target (malformed, out of range); not in requests_total
   vhost_iser_reconnects_total                  sessions re-established
   vhost_iser_reconnect_failures_total          failed reconnect attempts
+  vhost_iser_queue_path_info{queue,portal,preferred}  the portal each
+      queue's session uses; preferred=\"false\" while failed over
+  vhost_iser_path_changes_total                sessions moved to another
+      portal (failover) or back to their preferred one (failback)
   vhost_iser_build_info{version,commit}        always 1",
     ),
     (
@@ -146,7 +162,9 @@ and a client that sends nothing (or shuts down its write side) within
   TIMESTAMP LEVEL module: message
 e.g. 2026-11-25T15:38:32.123Z INFO  vhost_iser::iscsi::connect: logged in to ...
 Session events (login, connection lost, reconnect) are logged at info or
-above. RUST_LOG (env_logger syntax) overrides --log-level.",
+above. Path changes read e.g.
+  queue 1: path 10.0.1.2:3260 down, continuing on 10.0.2.2:3260
+  queue 1: back on preferred path 10.0.1.2:3260 RUST_LOG (env_logger syntax) overrides --log-level.",
     ),
     (
         "ENVIRONMENT",
@@ -353,9 +371,15 @@ pub struct ServeArgs {
     #[arg(long, value_name = "URL", help_heading = "Target")]
     pub target: Option<String>,
 
-    /// Another portal of the same target (host:port), tried in order after the URL's; repeatable.
+    /// Another portal of the same target (host:port), a path after the URL's; repeatable.
     #[arg(long = "portal", value_name = "HOST:PORT", help_heading = "Target")]
     pub portals: Vec<String>,
+
+    /// How the queues' sessions use the portals: active-standby (all on the first, the
+    /// others take over when it fails) or round-robin (queue i prefers portal i mod n);
+    /// a session moves back to its preferred portal when it answers again [default: active-standby].
+    #[arg(long, value_name = "POLICY", value_parser = parse_path_policy, help_heading = "Target")]
+    pub path_policy: Option<PathPolicy>,
 
     /// Our iSCSI initiator name [default: iqn.2026-11.io.vhost-iser:HOSTNAME].
     #[arg(long, value_name = "IQN", help_heading = "Target")]
@@ -423,6 +447,8 @@ pub struct Options {
     pub initiator_name: Option<String>,
     /// Extra portals.
     pub portals: Vec<String>,
+    /// Which portal each queue prefers.
+    pub path_policy: PathPolicy,
     /// CHAP user.
     pub chap_user: Option<String>,
     /// CHAP secret file.
@@ -471,7 +497,7 @@ pub enum ConfigError {
 }
 
 /// Every key the config file accepts.
-pub const KEYS: [&str; 17] = [
+pub const KEYS: [&str; 18] = [
     "socket",
     "target",
     "queues",
@@ -481,6 +507,7 @@ pub const KEYS: [&str; 17] = [
     "log-level",
     "initiator-name",
     "portal",
+    "path-policy",
     "chap-user",
     "chap-secret-file",
     "target-chap-user",
@@ -504,6 +531,7 @@ struct FileConfig {
     log_level: Option<Spanned<String>>,
     initiator_name: Option<String>,
     portal: Option<Vec<String>>,
+    path_policy: Option<Spanned<String>>,
     chap_user: Option<String>,
     chap_secret_file: Option<PathBuf>,
     target_chap_user: Option<String>,
@@ -648,6 +676,14 @@ pub fn parse_file(text: &str, path: &Path) -> Result<ServeArgs, ConfigError> {
             })
         })
         .transpose()?;
+    let path_policy = f
+        .path_policy
+        .map(|v| {
+            v.get_ref()
+                .parse::<PathPolicy>()
+                .map_err(|e| invalid(at(v.span()), Some("path-policy"), e))
+        })
+        .transpose()?;
     let timeouts = f
         .timeouts
         .map(|v| {
@@ -677,6 +713,7 @@ pub fn parse_file(text: &str, path: &Path) -> Result<ServeArgs, ConfigError> {
         serial: f.serial,
         target: f.target,
         portals: f.portal.unwrap_or_default(),
+        path_policy,
         initiator_name: f.initiator_name,
         digests,
         chap_user: f.chap_user,
@@ -692,6 +729,10 @@ pub fn parse_file(text: &str, path: &Path) -> Result<ServeArgs, ConfigError> {
 
 fn parse_timeouts(s: &str) -> Result<SessionTimeouts, String> {
     SessionTimeouts::parse(s)
+}
+
+fn parse_path_policy(s: &str) -> Result<PathPolicy, String> {
+    s.parse()
 }
 
 /// Reads and parses a config file.
@@ -720,6 +761,7 @@ impl ServeArgs {
             } else {
                 self.portals
             },
+            path_policy: self.path_policy.or(file.path_policy),
             initiator_name: self.initiator_name.or(file.initiator_name),
             digests: self.digests.or(file.digests),
             chap_user: self.chap_user.or(file.chap_user),
@@ -760,6 +802,7 @@ impl ServeArgs {
             log_level: self.log_level.unwrap_or(log::LevelFilter::Info),
             initiator_name: self.initiator_name,
             portals: self.portals,
+            path_policy: self.path_policy.unwrap_or_default(),
             chap_user: self.chap_user,
             chap_secret_file: self.chap_secret_file,
             target_chap_user: self.target_chap_user,
@@ -786,6 +829,7 @@ impl Options {
             read_only: self.read_only,
             initiator_name: self.initiator_name.clone(),
             extra_portals: self.portals.clone(),
+            path_policy: self.path_policy,
             chap_user: self.chap_user.clone(),
             chap_secret_file: self.chap_secret_file.clone(),
             target_chap_user: self.target_chap_user.clone(),
@@ -833,6 +877,7 @@ mod tests {
                 "portal" => "[\"h:1\"]",
                 "log-level" => "\"debug\"",
                 "digests" => "\"both\"",
+                "path-policy" => "\"round-robin\"",
                 "metrics" => "\"127.0.0.1:9\"",
                 "timeouts" => "\"nop=2,replacement=10\"",
                 _ => "\"x\"",
@@ -872,6 +917,11 @@ mod tests {
         assert!(e.starts_with("/etc/v.toml:2: unclosed table"), "{e}");
         let e = err("digests = \"crc\"\n");
         assert!(e.contains(":1: key `digests`: expected none"), "{e}");
+        let e = err("\npath-policy = \"random\"\n");
+        assert!(
+            e.starts_with("/etc/v.toml:2: key `path-policy`: unknown path policy"),
+            "{e}"
+        );
     }
 
     #[test]

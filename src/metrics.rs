@@ -18,7 +18,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use log::{info, warn};
@@ -179,6 +179,44 @@ pub struct StatStamp {
 pub static RECONNECTS: AtomicU64 = AtomicU64::new(0);
 /// Failed reconnect attempts.
 pub static RECONNECT_FAILURES: AtomicU64 = AtomicU64::new(0);
+/// Sessions that moved to another portal (failover) or back to their
+/// preferred one (failback).
+pub static PATH_CHANGES: AtomicU64 = AtomicU64::new(0);
+
+/// The portal a queue's session uses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueuePath {
+    /// "host:port".
+    pub portal: String,
+    /// Whether it is the queue's preferred portal (false: failed over).
+    pub preferred: bool,
+}
+
+/// Current portal per queue, indexed by queue. Written only when a session
+/// is opened or moves (never on the data path), read by the metrics thread.
+static PATHS: Mutex<Vec<Option<QueuePath>>> = Mutex::new(Vec::new());
+
+/// Records the portal queue `queue`'s session now uses.
+pub fn set_queue_path(queue: usize, portal: &str, preferred: bool) {
+    let mut paths = PATHS.lock().unwrap_or_else(|e| e.into_inner());
+    if paths.len() <= queue {
+        paths.resize(queue + 1, None);
+    }
+    paths[queue] = Some(QueuePath {
+        portal: portal.to_string(),
+        preferred,
+    });
+}
+
+/// The portal of every queue that has a session, by queue.
+pub fn queue_paths() -> Vec<(usize, QueuePath)> {
+    let paths = PATHS.lock().unwrap_or_else(|e| e.into_inner());
+    paths
+        .iter()
+        .enumerate()
+        .filter_map(|(q, p)| Some((q, p.clone()?)))
+        .collect()
+}
 
 /// Renders every metric in Prometheus text format (version 0.0.4).
 pub fn render(queues: &[Arc<QueueStats>]) -> String {
@@ -298,6 +336,30 @@ pub fn render(queues: &[Arc<QueueStats>]) -> String {
         s,
         "vhost_iser_reconnect_failures_total {}",
         RECONNECT_FAILURES.load(Ordering::Relaxed)
+    );
+    head(
+        &mut s,
+        "queue_path_info",
+        "gauge",
+        "The portal each queue's session uses (preferred=\"false\": failed over to another path).",
+    );
+    for (q, p) in queue_paths() {
+        let _ = writeln!(
+            s,
+            "vhost_iser_queue_path_info{{queue=\"{q}\",portal=\"{}\",preferred=\"{}\"}} 1",
+            p.portal, p.preferred
+        );
+    }
+    head(
+        &mut s,
+        "path_changes_total",
+        "counter",
+        "Sessions moved to another portal (failover) or back to their preferred one (failback).",
+    );
+    let _ = writeln!(
+        s,
+        "vhost_iser_path_changes_total {}",
+        PATH_CHANGES.load(Ordering::Relaxed)
     );
     s
 }
@@ -763,6 +825,30 @@ pub fn table(samples: &[Sample]) -> String {
         one("vhost_iser_reconnects_total"),
         one("vhost_iser_reconnect_failures_total"),
     );
+    let paths: Vec<String> = samples
+        .iter()
+        .filter(|s| s.name == "vhost_iser_queue_path_info")
+        .map(|s| {
+            format!(
+                "q{} {}{}",
+                s.label("queue").unwrap_or("?"),
+                s.label("portal").unwrap_or("?"),
+                if s.label("preferred") == Some("false") {
+                    " (failed over)"
+                } else {
+                    ""
+                }
+            )
+        })
+        .collect();
+    if !paths.is_empty() {
+        let _ = writeln!(
+            out,
+            "paths: {}   path changes: {}",
+            paths.join(", "),
+            one("vhost_iser_path_changes_total")
+        );
+    }
     if let Some(b) = samples.iter().find(|s| s.name == "vhost_iser_build_info") {
         let _ = writeln!(
             out,
@@ -883,5 +969,33 @@ mod tests {
         let cols: Vec<&str> = row0.split_whitespace().collect();
         assert_eq!(&cols[..7], ["0", "1", "3", "0", "0", "1", "0.0"], "{table}");
         assert!(table.lines().any(|l| l.starts_with("all ")), "{table}");
+    }
+
+    #[test]
+    fn queue_paths_render_and_tabulate() {
+        set_queue_path(41, "10.0.1.2:3260", true);
+        set_queue_path(42, "[fd00::2]:3260", false);
+        let samples = parse(&render(&[]));
+        let path = |q: &str| {
+            samples
+                .iter()
+                .find(|s| s.name == "vhost_iser_queue_path_info" && s.label("queue") == Some(q))
+                .map(|s| {
+                    (
+                        s.label("portal").map(str::to_string),
+                        s.label("preferred").map(str::to_string),
+                    )
+                })
+        };
+        assert_eq!(
+            path("41"),
+            Some((Some("10.0.1.2:3260".into()), Some("true".into())))
+        );
+        assert_eq!(
+            path("42"),
+            Some((Some("[fd00::2]:3260".into()), Some("false".into())))
+        );
+        let t = table(&samples);
+        assert!(t.contains("q42 [fd00::2]:3260 (failed over)"), "{t}");
     }
 }

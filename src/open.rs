@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::blk::mem::MemTarget;
 use crate::blk::target::{Target, TargetError};
 use crate::iscsi::chap::{ChapAlgorithm, ChapCredentials, ChapSecret};
-use crate::iscsi::connect::{tcp_dialer, ConnectConfig, Connector, Dialer};
+use crate::iscsi::connect::{tcp_dialer, ConnectConfig, Connector, Dialer, PathPolicy};
 use crate::iscsi::discovery::{parse_target_address, DiscoveredTarget};
 use crate::iscsi::login::MutualChap;
 use crate::iscsi::params::{IserOffer, ParamOffer};
@@ -31,6 +31,8 @@ pub struct OpenOptions {
     pub initiator_name: Option<String>,
     /// More portals of the same target ("host:port"), after the URL's.
     pub extra_portals: Vec<String>,
+    /// How the queues' sessions use the portals.
+    pub path_policy: PathPolicy,
     /// CHAP user name (or `user@` in the URL).
     pub chap_user: Option<String>,
     /// File holding the CHAP secret (else `VHOST_ISER_CHAP_SECRET`).
@@ -165,6 +167,7 @@ fn connect_config(
         login_timeout: login_timeout(opts),
         dial: tcp_dialer(),
         iser: false,
+        path_policy: opts.path_policy,
     })
 }
 
@@ -252,12 +255,38 @@ struct IscsiSessions {
     memory: Option<Arc<GuestMemoryRegistration>>,
 }
 
-impl SessionFactory for IscsiSessions {
-    fn open(&self, queue: usize) -> Result<Session, TargetError> {
-        self.connector.open(queue).map_err(|e| TargetError::Setup {
+impl IscsiSessions {
+    fn login_error(&self, queue: usize, e: crate::iscsi::connect::ConnectError) -> TargetError {
+        TargetError::Setup {
             context: format!("queue {queue}: cannot log in to {}", self.describe),
             source: Box::new(e),
-        })
+        }
+    }
+}
+
+impl SessionFactory for IscsiSessions {
+    fn open(&self, queue: usize) -> Result<Session, TargetError> {
+        self.open_avoiding(queue, None)
+    }
+
+    fn open_avoiding(&self, queue: usize, avoid: Option<&str>) -> Result<Session, TargetError> {
+        self.connector
+            .open_avoiding(queue, avoid)
+            .map_err(|e| self.login_error(queue, e))
+    }
+
+    fn open_preferred(&self, queue: usize) -> Result<Session, TargetError> {
+        self.connector
+            .open_preferred(queue)
+            .map_err(|e| self.login_error(queue, e))
+    }
+
+    fn preferred_portal(&self, queue: usize) -> Option<String> {
+        self.connector.preferred_portal(queue).map(str::to_string)
+    }
+
+    fn probe(&self, portal: &str) -> bool {
+        self.connector.probe(portal).is_ok()
     }
 
     fn lun(&self) -> u64 {

@@ -58,6 +58,7 @@ chap-secret-file = "secrets/vm1"
 target-chap-user = "store"
 target-chap-secret-file = "/etc/vhost-iser/store.secret"
 digests = "header"
+path-policy = "round-robin"
 chap-sha256 = true
 timeouts = "nop=2,command=15,replacement=40"
 metrics = "unix:vm1.metrics"
@@ -74,6 +75,7 @@ metrics = "unix:vm1.metrics"
         log_level: log::LevelFilter::Debug,
         initiator_name: Some("iqn.2026-11.org.example:host1".into()),
         portals: vec!["192.0.2.11:3260".into(), "192.0.2.12:3260".into()],
+        path_policy: vhost_iser::iscsi::connect::PathPolicy::RoundRobin,
         chap_user: Some("vm1".into()),
         chap_secret_file: Some(base.join("secrets/vm1")),
         target_chap_user: Some("store".into()),

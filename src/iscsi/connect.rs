@@ -19,6 +19,42 @@ use crate::transport::{OutPdu, PduData, Transport, TransportError};
 
 /// How many redirects one login follows.
 const MAX_REDIRECTS: u32 = 4;
+/// Time a path probe (a bare connect to a portal) may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How the sessions of a target's queues use its portals.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PathPolicy {
+    /// Every queue prefers the first portal; the others stand by.
+    #[default]
+    ActiveStandby,
+    /// Queue `i` prefers portal `i mod n`: the sessions spread over the paths.
+    RoundRobin,
+}
+
+impl PathPolicy {
+    /// The name on the command line and in the config file.
+    pub fn name(self) -> &'static str {
+        match self {
+            PathPolicy::ActiveStandby => "active-standby",
+            PathPolicy::RoundRobin => "round-robin",
+        }
+    }
+}
+
+impl std::str::FromStr for PathPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "active-standby" => Ok(PathPolicy::ActiveStandby),
+            "round-robin" => Ok(PathPolicy::RoundRobin),
+            _ => Err(format!(
+                "unknown path policy {s:?} (active-standby or round-robin)"
+            )),
+        }
+    }
+}
 
 /// Why a session could not be opened.
 #[derive(Debug, Error)]
@@ -89,6 +125,8 @@ pub struct ConnectConfig {
     pub dial: Dialer,
     /// Negotiate iSER (RDMAExtensions=Yes and the iSER keys).
     pub iser: bool,
+    /// Which portal each queue prefers.
+    pub path_policy: PathPolicy,
 }
 
 impl std::fmt::Debug for ConnectConfig {
@@ -99,6 +137,7 @@ impl std::fmt::Debug for ConnectConfig {
             .field("initiator_name", &self.initiator_name)
             .field("chap", &self.chap.as_ref().map(|c| &c.username))
             .field("iser", &self.iser)
+            .field("path_policy", &self.path_policy)
             .finish()
     }
 }
@@ -126,14 +165,60 @@ impl Connector {
         &self.cfg
     }
 
+    /// The index of the portal queue `queue` prefers.
+    fn preferred_index(&self, queue: usize) -> usize {
+        match self.cfg.path_policy {
+            PathPolicy::ActiveStandby => 0,
+            PathPolicy::RoundRobin => queue % self.cfg.portals.len().max(1),
+        }
+    }
+
+    /// The portal queue `queue` prefers; `None` with a single portal (no
+    /// choice to make).
+    pub fn preferred_portal(&self, queue: usize) -> Option<&str> {
+        if self.cfg.portals.len() < 2 {
+            return None;
+        }
+        self.cfg
+            .portals
+            .get(self.preferred_index(queue))
+            .map(String::as_str)
+    }
+
+    /// The portals in the order queue `queue` tries them: its preferred one
+    /// first, then the next ones round the list; `avoid` (the path just
+    /// lost) last, so a dead path does not delay the move to a live one.
+    pub fn portal_order(&self, queue: usize, avoid: Option<&str>) -> Vec<&str> {
+        let n = self.cfg.portals.len();
+        let first = self.preferred_index(queue);
+        let mut order: Vec<&str> = (0..n)
+            .map(|i| self.cfg.portals[(first + i) % n].as_str())
+            .collect();
+        if let Some(a) = avoid {
+            if let Some(i) = order.iter().position(|p| *p == a) {
+                let p = order.remove(i);
+                order.push(p);
+            }
+        }
+        order
+    }
+
     /// Logs in a session for queue `queue` (ISID qualifier = queue), trying
-    /// each portal in turn.
+    /// each portal in turn, preferred first.
     pub fn open(&self, queue: usize) -> Result<Session, ConnectError> {
-        let mut isid = self.isid_base;
-        isid[4..6].copy_from_slice(&(queue as u16).to_be_bytes());
+        self.open_avoiding(queue, None)
+    }
+
+    /// Like [`open`](Self::open), trying `avoid` (a path that just failed) last.
+    pub fn open_avoiding(
+        &self,
+        queue: usize,
+        avoid: Option<&str>,
+    ) -> Result<Session, ConnectError> {
+        let isid = self.isid(queue);
         let mut last = None;
-        for portal in &self.cfg.portals {
-            match self.login_following_redirects(portal, isid) {
+        for portal in self.portal_order(queue, avoid) {
+            match self.login_following_redirects(portal, isid, self.cfg.login_timeout) {
                 Ok(s) => return Ok(s),
                 Err(e) => {
                     warn!("queue {queue}: {e}");
@@ -159,14 +244,40 @@ impl Connector {
         })
     }
 
+    /// Logs in a session for queue `queue` on its preferred portal only,
+    /// allowing the connect no more than the probe's time (a failback: the
+    /// portal just answered a probe; if it no longer does, the queue should
+    /// not wait the whole login timeout before going back to another path).
+    pub fn open_preferred(&self, queue: usize) -> Result<Session, ConnectError> {
+        let portal = &self.cfg.portals[self.preferred_index(queue)];
+        let dial_timeout = PROBE_TIMEOUT.min(self.cfg.login_timeout);
+        self.login_following_redirects(portal, self.isid(queue), dial_timeout)
+    }
+
+    /// Our ISID for queue `queue`: the process's random part, the queue as
+    /// qualifier. The same on every portal, so a session keeps its I_T nexus
+    /// identity (and SCSI reservations) when it moves.
+    fn isid(&self, queue: usize) -> [u8; 6] {
+        let mut isid = self.isid_base;
+        isid[4..6].copy_from_slice(&(queue as u16).to_be_bytes());
+        isid
+    }
+
+    /// Whether `portal` answers a connect (TCP, or RDMA CM for iSER) within
+    /// a short timeout; the connection is closed at once, without a login.
+    pub fn probe(&self, portal: &str) -> Result<(), TransportError> {
+        (self.cfg.dial)(portal, PROBE_TIMEOUT).map(drop)
+    }
+
     fn login_following_redirects(
         &self,
         first: &str,
         isid: [u8; 6],
+        dial_timeout: Duration,
     ) -> Result<Session, ConnectError> {
         let mut portal = first.to_string();
         for _ in 0..=MAX_REDIRECTS {
-            match self.login_once(&portal, isid)? {
+            match self.login_once(&portal, isid, dial_timeout)? {
                 LoginResult::Session(s) => return Ok(*s),
                 LoginResult::Redirect(to) => {
                     info!("login to {portal}: redirected to {to}");
@@ -187,7 +298,12 @@ impl Connector {
     ) -> Result<(Box<dyn Transport>, LoginOutcome), ConnectError> {
         let mut at = portal.to_string();
         for _ in 0..=MAX_REDIRECTS {
-            match self.login_raw(&at, self.isid_base, LoginTarget::Discovery)? {
+            match self.login_raw(
+                &at,
+                self.isid_base,
+                LoginTarget::Discovery,
+                self.cfg.login_timeout,
+            )? {
                 RawLogin::Done(conn, outcome) => return Ok((conn, outcome)),
                 RawLogin::Redirect(to) => {
                     info!("discovery login to {at}: redirected to {to}");
@@ -200,11 +316,16 @@ impl Connector {
         })
     }
 
-    fn login_once(&self, portal: &str, isid: [u8; 6]) -> Result<LoginResult, ConnectError> {
+    fn login_once(
+        &self,
+        portal: &str,
+        isid: [u8; 6],
+        dial_timeout: Duration,
+    ) -> Result<LoginResult, ConnectError> {
         let target = LoginTarget::Normal {
             target_name: self.cfg.target_name.clone(),
         };
-        let (conn, outcome) = match self.login_raw(portal, isid, target)? {
+        let (conn, outcome) = match self.login_raw(portal, isid, target, dial_timeout)? {
             RawLogin::Done(conn, outcome) => (conn, outcome),
             RawLogin::Redirect(to) => return Ok(LoginResult::Redirect(to)),
         };
@@ -241,9 +362,10 @@ impl Connector {
         portal: &str,
         isid: [u8; 6],
         target: LoginTarget,
+        dial_timeout: Duration,
     ) -> Result<RawLogin, ConnectError> {
         let deadline = Instant::now() + self.cfg.login_timeout;
-        let mut conn = (self.cfg.dial)(portal, self.cfg.login_timeout)?;
+        let mut conn = (self.cfg.dial)(portal, dial_timeout)?;
         let mut lc = LoginConfig::new(portal, &self.cfg.initiator_name, target, isid);
         lc.chap = self.cfg.chap.clone();
         lc.chap_algorithms = self.cfg.chap_algorithms.clone();
@@ -294,4 +416,59 @@ fn send(conn: &mut dyn Transport, pdu: LoginPdu, deadline: Instant) -> Result<()
     };
     conn.send_blocking(OutPdu::new(bhs, data), deadline)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connector(portals: &[&str], path_policy: PathPolicy) -> Connector {
+        Connector::new(ConnectConfig {
+            portals: portals.iter().map(|p| p.to_string()).collect(),
+            target_name: "iqn.2026-11.test:t".into(),
+            initiator_name: "iqn.2026-11.test:i".into(),
+            chap: None,
+            mutual_chap: None,
+            chap_algorithms: Vec::new(),
+            params: ParamOffer::default(),
+            login_timeout: Duration::from_secs(1),
+            dial: tcp_dialer(),
+            iser: false,
+            path_policy,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn round_robin_spreads_the_queues_and_tries_the_lost_path_last() {
+        let c = connector(&["a:1", "b:1", "c:1"], PathPolicy::RoundRobin);
+        assert_eq!(c.preferred_portal(0), Some("a:1"));
+        assert_eq!(c.preferred_portal(1), Some("b:1"));
+        assert_eq!(c.preferred_portal(4), Some("b:1"));
+        assert_eq!(c.portal_order(1, None), ["b:1", "c:1", "a:1"]);
+        assert_eq!(c.portal_order(1, Some("b:1")), ["c:1", "a:1", "b:1"]);
+        assert_eq!(c.portal_order(2, Some("x:1")), ["c:1", "a:1", "b:1"]);
+    }
+
+    #[test]
+    fn active_standby_prefers_the_first_portal() {
+        let c = connector(&["a:1", "b:1"], PathPolicy::ActiveStandby);
+        for q in 0..4 {
+            assert_eq!(c.preferred_portal(q), Some("a:1"));
+            assert_eq!(c.portal_order(q, None), ["a:1", "b:1"]);
+        }
+        assert_eq!(c.portal_order(3, Some("a:1")), ["b:1", "a:1"]);
+        // One portal: nothing to prefer, nothing to fail back to.
+        let one = connector(&["a:1"], PathPolicy::RoundRobin);
+        assert_eq!(one.preferred_portal(1), None);
+        assert_eq!(one.portal_order(1, Some("a:1")), ["a:1"]);
+    }
+
+    #[test]
+    fn policy_names_round_trip() {
+        for p in [PathPolicy::ActiveStandby, PathPolicy::RoundRobin] {
+            assert_eq!(p.name().parse::<PathPolicy>(), Ok(p));
+        }
+        assert!("random".parse::<PathPolicy>().is_err());
+    }
 }

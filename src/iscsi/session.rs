@@ -25,9 +25,9 @@ use thiserror::Error;
 
 use super::params::{DigestKind, SessionParams};
 use super::pdu::{
-    serial_ge, serial_gt, serial_le, AsyncEvent, Cdb, DataIn, DataOut, NopIn, NopOut, R2t,
-    ScsiCommand, ScsiResponse, SeqNums, TargetPdu, TaskAttr, TaskMgmtRequest, TaskMgmtResponse,
-    TmfFunction, TmfResponse, RESERVED_TAG, U24,
+    serial_ge, serial_gt, serial_le, AsyncEvent, Cdb, DataIn, DataOut, LogoutReason, LogoutRequest,
+    LogoutResponseCode, NopIn, NopOut, R2t, ScsiCommand, ScsiResponse, SeqNums, TargetPdu,
+    TaskAttr, TaskMgmtRequest, TaskMgmtResponse, TmfFunction, TmfResponse, RESERVED_TAG, U24,
 };
 use super::task::{DataDir, ScsiCommandReq, Task, TaskTable, NOP_ITT_INDEX, TMF_ITT_INDEX};
 use crate::transport::{OutPdu, PduData, RecvPlan, TaskBuffer, Transport, TransportError, BHS_LEN};
@@ -1142,6 +1142,94 @@ impl Session {
             self.conn.queue(OutPdu::new(h.encode(), data));
         }
         Ok(())
+    }
+
+    /// Ends the session on purpose with a Logout Request (close the session),
+    /// waiting up to `timeout` for the target's answer. Only an idle session
+    /// (nothing in flight) logs out; a busy one is left alone and the call
+    /// fails. Afterwards the session is down as if lost, with nothing to
+    /// re-issue: commands submitted from now on wait for the replacement
+    /// ([`take_orphans`](Self::take_orphans)), so the same ISID can log in
+    /// again without reinstating (killing) a live session.
+    pub fn logout(&mut self, timeout: Duration) -> Result<(), SessionError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        if !self.tasks.is_empty() || !self.waiting.is_empty() {
+            return Err(SessionError::Rejected {
+                portal: self.portal.clone(),
+                reason: format!(
+                    "logout with {} command(s) in flight",
+                    self.tasks.len() + self.waiting.len()
+                ),
+            });
+        }
+        let deadline = Instant::now() + timeout;
+        let itt = self.next_special_itt(TMF_ITT_INDEX);
+        let req = LogoutRequest {
+            immediate: true,
+            reason: LogoutReason::CloseSession,
+            itt,
+            cid: 0,
+            cmd_sn: self.cmd_sn,
+            exp_stat_sn: self.exp_stat_sn,
+        };
+        let result = self.logout_exchange(req, deadline);
+        self.failed = Some(SessionError::ConnectionLost {
+            portal: self.portal.clone(),
+            reason: "logged out".into(),
+        });
+        self.lost_at = Some(Instant::now());
+        self.nop = None;
+        self.tmf = None;
+        result
+    }
+
+    fn logout_exchange(
+        &mut self,
+        req: LogoutRequest,
+        deadline: Instant,
+    ) -> Result<(), SessionError> {
+        self.conn
+            .send_blocking(OutPdu::new(req.encode(), PduData::None), deadline)
+            .map_err(|e| self.lost(e))?;
+        loop {
+            let pdu = self
+                .conn
+                .recv_blocking(deadline)
+                .map_err(|e| self.lost(e))?;
+            // Late NOP-Ins and asynchronous messages may come first.
+            if let Ok(TargetPdu::LogoutResponse(r)) = TargetPdu::decode(&pdu.bhs) {
+                if r.itt != req.itt {
+                    return Err(
+                        self.violation(format!("Logout Response for unknown ITT {:#010x}", r.itt))
+                    );
+                }
+                return match r.response {
+                    LogoutResponseCode::Closed => Ok(()),
+                    other => Err(SessionError::Rejected {
+                        portal: self.portal.clone(),
+                        reason: format!("logout refused: {other:?}"),
+                    }),
+                };
+            }
+        }
+    }
+
+    /// Drops the connection on purpose (e.g. to move to another portal),
+    /// keeping the unfinished commands for the next session exactly as a
+    /// lost connection does.
+    pub fn abandon(&mut self, reason: &str) {
+        if self.failed.is_some() {
+            return;
+        }
+        let e = SessionError::ConnectionLost {
+            portal: self.portal.clone(),
+            reason: reason.to_string(),
+        };
+        let mut done = Vec::new();
+        self.fail(e, &mut done);
+        self.ready.append(&mut done);
     }
 
     /// Runs one command to completion, blocking (start-up probes: INQUIRY,

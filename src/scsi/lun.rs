@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::cdb::{self, RwFlags, UnmapDescriptor, WriteSameFlags};
 use super::disk::{split_range, DiskError, LunInfo, LunProber, ProbeResult};
@@ -50,6 +51,26 @@ pub trait SessionFactory: Send + Sync {
     fn max_transfer_bytes(&self) -> Option<u32> {
         None
     }
+    /// Logs in a new session for queue `queue` after its connection to
+    /// `avoid` was lost: the other paths are tried first.
+    fn open_avoiding(&self, queue: usize, _avoid: Option<&str>) -> Result<Session, TargetError> {
+        self.open(queue)
+    }
+    /// Logs in a new session for queue `queue` on its preferred portal only
+    /// (a failback), failing fast when that portal does not answer.
+    fn open_preferred(&self, queue: usize) -> Result<Session, TargetError> {
+        self.open(queue)
+    }
+    /// The portal queue `queue` prefers when the target has several (its
+    /// session moves back there once it answers again); `None`: no choice.
+    fn preferred_portal(&self, _queue: usize) -> Option<String> {
+        None
+    }
+    /// Whether `portal` answers a connect now (blocking for a second or two:
+    /// called on a helper thread, never on the data path).
+    fn probe(&self, _portal: &str) -> bool {
+        false
+    }
 }
 
 /// How many times a command is retried after a transient SCSI condition.
@@ -68,6 +89,17 @@ const TICK: Duration = Duration::from_millis(100);
 const RETRY_BASE_DELAY: Duration = Duration::from_millis(50);
 /// Longest wait before a retry.
 const RETRY_MAX_DELAY: Duration = Duration::from_secs(2);
+/// A session away from its preferred portal probes it this often (doubled
+/// after each failback that did not land there, up to
+/// [`FAILBACK_PROBE_MAX_INTERVAL`]).
+const FAILBACK_PROBE_INTERVAL: Duration = Duration::from_secs(5);
+/// Longest time between two probes of the preferred portal.
+const FAILBACK_PROBE_MAX_INTERVAL: Duration = Duration::from_secs(300);
+/// A failback holds new commands until the ones in flight finish, at most
+/// this long; then it moves anyway and re-issues them on the new session.
+const FAILBACK_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time the target has to answer our Logout before a failback.
+const LOGOUT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Environment variable that overrides the session timers, e.g.
 /// `nop=5,nop_timeout=5,command=30,tmf=10,replacement=30` (seconds).
 pub const TIMEOUTS_ENV: &str = "VHOST_ISER_TIMEOUTS";
@@ -371,6 +403,39 @@ pub struct LunQueue {
     capacity: Arc<CapacityWatch>,
     /// A READ CAPACITY(16) after a capacity-change unit attention is in flight.
     capacity_probe: bool,
+    /// Where the session is and wants to be (several portals).
+    path: PathState,
+    /// Written by the login and probe helper threads when their result is
+    /// ready, so it is taken at once rather than at the next tick.
+    wake: EventFd,
+    /// Helper threads whose wake-up has not been read yet.
+    wakes_expected: u64,
+}
+
+/// Path management of one queue: failover is the reconnect (other portals
+/// first); failback probes the preferred portal and moves back cleanly.
+#[derive(Default)]
+struct PathState {
+    /// The portal this queue prefers (`None`: a single portal).
+    preferred: Option<String>,
+    /// A probe of the preferred portal running on a helper thread.
+    probe: Option<std::sync::mpsc::Receiver<bool>>,
+    /// When the last probe started.
+    last_probe: Option<Instant>,
+    /// Current wait between probes.
+    probe_interval: Duration,
+    /// Failback under way: since when new commands are held while the
+    /// commands in flight finish.
+    draining: Option<Instant>,
+    /// Commands held during a failback, in submission order.
+    held: Vec<ScsiCommandReq>,
+    /// The login in progress is a planned move back to the preferred portal.
+    failing_back: bool,
+    /// The portal the next reconnect tries last (default: the lost one).
+    avoid_next: Option<String>,
+    /// The login in progress returns to the other paths after a refused
+    /// failback.
+    returning: bool,
 }
 
 /// Parent slot of internal commands (READ CAPACITY after a unit attention).
@@ -449,8 +514,28 @@ impl LunQueue {
                 EpollEvent::new(EventSet::IN, 1),
             )
             .map_err(setup)?;
+        let wake = EventFd::new(EFD_NONBLOCK).map_err(setup)?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                wake.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, 2),
+            )
+            .map_err(setup)?;
         let lun = factory.lun();
         let zero_block = Arc::new(IoBuffers::from_vec(vec![0u8; info.block_size as usize]));
+        let preferred = factory.preferred_portal(index);
+        crate::metrics::set_queue_path(
+            index,
+            session.portal(),
+            preferred.as_deref().is_none_or(|p| p == session.portal()),
+        );
+        if let Some(p) = preferred.as_deref().filter(|p| *p != session.portal()) {
+            warn!(
+                "queue {index}: preferred path {p} unavailable, running on {}",
+                session.portal()
+            );
+        }
         Ok(LunQueue {
             index,
             session,
@@ -476,7 +561,37 @@ impl LunQueue {
             delayed: Vec::new(),
             capacity,
             capacity_probe: false,
+            path: PathState {
+                preferred,
+                probe_interval: FAILBACK_PROBE_INTERVAL,
+                ..PathState::default()
+            },
+            wake,
+            wakes_expected: 0,
         })
+    }
+
+    /// Runs `job` on a helper thread named `name`; its result comes back
+    /// through the returned channel, and the queue's epoll wakes up for it.
+    fn spawn_helper<T: Send + 'static>(
+        &mut self,
+        name: String,
+        job: impl FnOnce() -> T + Send + 'static,
+    ) -> std::io::Result<std::sync::mpsc::Receiver<T>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Without a wake-up the result is still taken, at the next tick.
+        let wake = self.wake.try_clone().ok();
+        let expect = wake.is_some();
+        std::thread::Builder::new().name(name).spawn(move || {
+            let _ = tx.send(job());
+            if let Some(w) = wake {
+                let _ = w.write(1);
+            }
+        })?;
+        if expect {
+            self.wakes_expected += 1;
+        }
+        Ok(rx)
     }
 
     fn new_parent(&mut self, tag: u64, data: Option<Arc<IoBuffers>>) -> usize {
@@ -514,7 +629,11 @@ impl LunQueue {
                 p.outstanding += 1;
             }
         }
-        self.session.submit(req);
+        if self.path.draining.is_some() {
+            self.path.held.push(req);
+        } else {
+            self.session.submit(req);
+        }
     }
 
     fn command(
@@ -852,6 +971,7 @@ impl LunQueue {
         let now = Instant::now();
         self.session.on_timer(now);
         self.maybe_reconnect();
+        self.manage_path();
         if !self.delayed.is_empty() {
             let mut due = Vec::new();
             self.delayed.retain(|d| {
@@ -874,6 +994,8 @@ impl LunQueue {
         if self.session.failure().is_none() {
             return;
         }
+        // Commands held for a failback wait with the lost session's.
+        self.release_held();
         let attempt = match &self.login {
             Some(rx) => match rx.try_recv() {
                 Ok(r) => {
@@ -896,15 +1018,23 @@ impl LunQueue {
                 self.last_reconnect = Some(Instant::now());
                 // Log in on a helper thread: a login can take up to the login
                 // timeout, and the queue must keep running its timers meanwhile.
-                let (tx, rx) = std::sync::mpsc::channel();
                 let (factory, index) = (self.factory.clone(), self.index);
-                let spawned = std::thread::Builder::new()
-                    .name(format!("login-q{index}"))
-                    .spawn(move || {
-                        let _ = tx.send(factory.open(index));
-                    });
+                // After a loss the other paths go first; a failback starts
+                // with the preferred one.
+                let failing_back = self.path.failing_back;
+                let avoid = match self.path.avoid_next.take() {
+                    Some(p) => p,
+                    None => self.session.portal().to_string(),
+                };
+                let spawned = self.spawn_helper(format!("login-q{index}"), move || {
+                    if failing_back {
+                        factory.open_preferred(index)
+                    } else {
+                        factory.open_avoiding(index, Some(&avoid))
+                    }
+                });
                 match spawned {
-                    Ok(_) => self.login = Some(rx),
+                    Ok(rx) => self.login = Some(rx),
                     Err(e) => warn!("queue {}: cannot start a login thread: {e}", self.index),
                 }
                 return;
@@ -933,26 +1063,184 @@ impl LunQueue {
                 ) {
                     error!("queue {}: cannot watch the new connection: {e}", self.index);
                 }
-                crate::metrics::RECONNECTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                info!(
-                    "queue {}: reconnected to {}",
-                    self.index,
-                    self.factory.describe()
-                );
+                self.note_new_path(self.session.portal().to_string(), s.portal());
                 self.session = s;
+            }
+            Err(e) if std::mem::take(&mut self.path.failing_back) => {
+                // Back to the other paths at once; the commands wait meanwhile.
+                self.path.probe_interval =
+                    (self.path.probe_interval * 2).min(FAILBACK_PROBE_MAX_INTERVAL);
+                self.path.avoid_next = self.path.preferred.clone();
+                self.path.returning = true;
+                self.last_reconnect = None;
+                warn!(
+                    "queue {}: preferred path {} did not take the session back ({}); returning to the other paths (next try in {:?})",
+                    self.index,
+                    self.path.preferred.as_deref().unwrap_or("?"),
+                    with_cause(&e),
+                    self.path.probe_interval
+                );
+                self.maybe_reconnect();
             }
             Err(e) => {
                 crate::metrics::RECONNECT_FAILURES
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 warn!(
-                    "queue {}: reconnect to {} failed (next try in {:?}): {e}",
+                    "queue {}: reconnect to {} failed (next try in {:?}): {}",
                     self.index,
                     self.factory.describe(),
-                    self.reconnect_backoff
+                    self.reconnect_backoff,
+                    with_cause(&e)
                 );
                 self.reconnect_backoff = (self.reconnect_backoff * 2).min(RECONNECT_MAX_INTERVAL);
             }
         }
+    }
+
+    /// Logs and counts where a new session landed, compared with the old one.
+    fn note_new_path(&mut self, old: String, new: &str) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let preferred = self.path.preferred.as_deref().is_none_or(|p| p == new);
+        crate::metrics::set_queue_path(self.index, new, preferred);
+        if std::mem::take(&mut self.path.failing_back) {
+            if new != old {
+                crate::metrics::PATH_CHANGES.fetch_add(1, Relaxed);
+            }
+            if preferred {
+                self.path.probe_interval = FAILBACK_PROBE_INTERVAL;
+                info!("queue {}: back on preferred path {new}", self.index);
+            } else {
+                self.path.probe_interval =
+                    (self.path.probe_interval * 2).min(FAILBACK_PROBE_MAX_INTERVAL);
+                warn!(
+                    "queue {}: preferred path {} sent the session elsewhere; continuing on {new} (next try in {:?})",
+                    self.index,
+                    self.path.preferred.as_deref().unwrap_or("?"),
+                    self.path.probe_interval
+                );
+            }
+            return;
+        }
+        if std::mem::take(&mut self.path.returning) {
+            if new != old {
+                crate::metrics::PATH_CHANGES.fetch_add(1, Relaxed);
+            }
+            info!("queue {}: continuing on {new}", self.index);
+            return;
+        }
+        crate::metrics::RECONNECTS.fetch_add(1, Relaxed);
+        if new != old {
+            crate::metrics::PATH_CHANGES.fetch_add(1, Relaxed);
+            warn!("queue {}: path {old} down, continuing on {new}", self.index);
+        } else {
+            info!("queue {}: reconnected to {new}", self.index);
+        }
+    }
+
+    /// Hands commands held for a failback to the session (a lost one keeps
+    /// them for its replacement).
+    fn release_held(&mut self) {
+        self.path.draining = None;
+        for req in std::mem::take(&mut self.path.held) {
+            self.session.submit(req);
+        }
+    }
+
+    /// Failback: probes the preferred portal while the session runs
+    /// elsewhere; when it answers, holds new commands, lets the ones in
+    /// flight finish and moves (see [`Self::move_to_preferred`]).
+    fn manage_path(&mut self) {
+        let Some(preferred) = self.path.preferred.clone() else {
+            return;
+        };
+        if self.session.failure().is_some() {
+            return;
+        }
+        if let Some(since) = self.path.draining {
+            if self.session.in_flight() == 0 {
+                self.move_to_preferred(true);
+            } else if since.elapsed() >= FAILBACK_DRAIN_TIMEOUT {
+                self.move_to_preferred(false);
+            }
+            return;
+        }
+        if self.session.portal() == preferred {
+            self.path.probe = None;
+            return;
+        }
+        if let Some(rx) = &self.path.probe {
+            match rx.try_recv() {
+                Ok(true) => {
+                    self.path.probe = None;
+                    info!(
+                        "queue {}: preferred path {preferred} answers again; moving back once {} command(s) in flight on {} finish",
+                        self.index,
+                        self.session.in_flight(),
+                        self.session.portal()
+                    );
+                    self.path.draining = Some(Instant::now());
+                    if self.session.in_flight() == 0 {
+                        self.move_to_preferred(true);
+                    }
+                }
+                Ok(false) | Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    self.path.probe = None
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => {}
+            }
+            return;
+        }
+        if self
+            .path
+            .last_probe
+            .is_some_and(|t| t.elapsed() < self.path.probe_interval)
+        {
+            return;
+        }
+        self.path.last_probe = Some(Instant::now());
+        let factory = self.factory.clone();
+        let spawned = self.spawn_helper(format!("probe-q{}", self.index), move || {
+            factory.probe(&preferred)
+        });
+        match spawned {
+            Ok(rx) => self.path.probe = Some(rx),
+            Err(e) => warn!("queue {}: cannot start a path probe: {e}", self.index),
+        }
+    }
+
+    /// Ends the session on the current portal and logs in again, preferred
+    /// portal first. `drained`: nothing is in flight, so a clean Logout
+    /// first (a login with our ISID while the old session lives would make
+    /// the target reinstate, i.e. kill, it); otherwise the connection is
+    /// dropped and its commands are re-issued like after a loss.
+    fn move_to_preferred(&mut self, drained: bool) {
+        let from = self.session.portal().to_string();
+        if drained {
+            // Blocks this queue's worker for one round trip (at most
+            // LOGOUT_TIMEOUT); its commands are held meanwhile anyway.
+            match self.session.logout(LOGOUT_TIMEOUT) {
+                Ok(()) => info!(
+                    "queue {}: logged out of {from} to move back to the preferred path",
+                    self.index
+                ),
+                Err(e) => warn!(
+                    "queue {}: logout from {from} before the failback: {e}; dropping the connection",
+                    self.index
+                ),
+            }
+        } else {
+            warn!(
+                "queue {}: {} command(s) still running on {from} after {:?}; moving anyway, they will be re-issued",
+                self.index,
+                self.session.in_flight(),
+                FAILBACK_DRAIN_TIMEOUT
+            );
+        }
+        self.session.abandon("moving back to the preferred path");
+        self.path.failing_back = true;
+        self.last_reconnect = None;
+        self.reconnect_backoff = RECONNECT_INTERVAL;
+        self.maybe_reconnect();
     }
 
     /// One round: timer work when a tick is due, then the session (`receive`:
@@ -967,6 +1255,15 @@ impl LunQueue {
             if n > 0 {
                 self.next_tick += TICK * n.min(u32::MAX as u64) as u32;
                 self.on_tick();
+            }
+        }
+        // A login or probe finished: take its result now. (Only while a
+        // helper runs: no system call on the data path otherwise.)
+        if self.wakes_expected > 0 {
+            if let Ok(n) = self.wake.read() {
+                self.wakes_expected = self.wakes_expected.saturating_sub(n);
+                self.maybe_reconnect();
+                self.manage_path();
             }
         }
         let mut results = std::mem::take(&mut self.results);
@@ -987,6 +1284,9 @@ impl LunQueue {
             }
         }
         self.results = results;
+        if self.path.draining.is_some() && self.session.in_flight() == 0 {
+            self.manage_path();
+        }
         self.update_interest();
         done.append(&mut self.ready);
     }
@@ -1064,6 +1364,15 @@ impl Drop for LunQueue {
         if n > 0 {
             warn!("queue {}: dropped with {n} requests in flight", self.index);
         }
+    }
+}
+
+/// "error: its cause", for a log line (a setup error's own text is only
+/// what was being done).
+fn with_cause(e: &TargetError) -> String {
+    match std::error::Error::source(e) {
+        Some(c) => format!("{e}: {c}"),
+        None => e.to_string(),
     }
 }
 

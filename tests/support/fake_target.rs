@@ -150,6 +150,11 @@ impl FakeTarget {
         format!("iscsi://{}:{}/{FAKE_IQN}/0", self.host, self.port)
     }
 
+    /// The TCP port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// Misbehaves at the next READ or WRITE (or at every one, `persistent`).
     pub fn arm(&self, m: Misbehave, persistent: bool) {
         let mut s = self.shared.lock().unwrap();

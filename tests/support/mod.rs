@@ -2,12 +2,14 @@
 //!
 //! - [`tgtd::Tgtd`]: a private tgtd (user-space iSCSI target over TCP) per test.
 //! - [`qsd::QemuStorageDaemon`]: qemu-storage-daemon as a reference vhost-user-blk backend.
+//! - [`netns::Netns`]: a network namespace with several veth links (multipath tests).
 //! - [`vm`]: run the project's VM scripts (`qemu/run-guest.sh`, `qemu/rdma-vm.sh`).
 //!
 //! Missing host tools are a test failure with the fix in the message, never a silent skip.
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod fake_target;
+pub mod netns;
 pub mod qsd;
 pub mod tgtd;
 pub mod vm;

@@ -76,13 +76,27 @@ impl Tgtd {
     }
 
     fn try_start(tgtd: &Path, tgtadm: &Path, port: u16) -> Result<Tgtd, String> {
-        let dir = super::unique_tmp_dir();
-        let log = dir.path().join("tgtd.log");
         // The control port (tgtd accepts 0..=32767) only has to be unique among live
         // tgtds; derive it from the unique TCP port. A clash makes tgtd exit ("another
         // tgtd is using ...lock") and start() retries with another port.
         let control_port = 1000 + port % 31000;
-        let child = Self::spawn(tgtd, port, control_port, &log)?;
+        let portal = format!("127.0.0.1:{port}");
+        Self::try_start_at(tgtd, tgtadm, &portal, None, port, control_port)
+    }
+
+    /// Starts tgtd with its portal at `portal` (port `port`), in the network
+    /// namespace open at `netns` when given, and waits until it is ready.
+    fn try_start_at(
+        tgtd: &Path,
+        tgtadm: &Path,
+        portal: &str,
+        netns: Option<std::os::fd::RawFd>,
+        port: u16,
+        control_port: u16,
+    ) -> Result<Tgtd, String> {
+        let dir = super::unique_tmp_dir();
+        let log = dir.path().join("tgtd.log");
+        let child = Self::spawn_in(tgtd, portal, netns, control_port, &log)?;
         let mut t = Tgtd {
             child,
             port,
@@ -101,6 +115,53 @@ impl Tgtd {
     }
 
     fn spawn(tgtd: &Path, port: u16, control_port: u16, log: &Path) -> Result<Child, String> {
+        Self::spawn_in(tgtd, &format!("127.0.0.1:{port}"), None, control_port, log)
+    }
+
+    /// Starts tgtd inside the network namespace `netns` (a name under
+    /// /var/run/netns), listening on every address there (0.0.0.0:3260), so
+    /// each of the namespace's links is a path (portal) to the same targets.
+    /// Its portals are the namespace's addresses; [`Tgtd::portal`] and
+    /// [`Tgtd::url`] (127.0.0.1) and [`Tgtd::restart`] do not apply.
+    pub fn start_in_netns(netns: &str) -> Tgtd {
+        let tgtd = super::require_tool("tgtd", "tgt");
+        let tgtadm = super::require_tool("tgtadm", "tgt");
+        let _ = fs::create_dir_all("/var/run/tgtd");
+        let ns_path = format!("/var/run/netns/{netns}");
+        let ns = fs::File::open(&ns_path).unwrap_or_else(|e| panic!("open {ns_path}: {e}"));
+        let port = 3260;
+        let portal = format!("0.0.0.0:{port}");
+        let mut last_err = String::new();
+        for _attempt in 0..8 {
+            // Unique among live tgtds (they share /var/run/tgtd): from a free port.
+            let control_port = 1000 + free_port() % 31000;
+            use std::os::fd::AsRawFd;
+            let fd = Some(ns.as_raw_fd());
+            match Self::try_start_at(&tgtd, &tgtadm, &portal, fd, port, control_port) {
+                Ok(t) => return t,
+                Err(e) => last_err = e,
+            }
+        }
+        panic!("tgtd did not start in netns {netns}: {last_err}");
+    }
+
+    /// The number of sessions (I_T nexus) tgtd holds, over all its targets.
+    pub fn sessions(&self) -> usize {
+        self.show()
+            .lines()
+            .filter(|l| l.trim_start().starts_with("I_T nexus:"))
+            .count()
+    }
+
+    /// Spawns tgtd with its iSCSI portal at `portal`, in the network namespace
+    /// open at `netns` when given.
+    fn spawn_in(
+        tgtd: &Path,
+        portal: &str,
+        netns: Option<std::os::fd::RawFd>,
+        control_port: u16,
+        log: &Path,
+    ) -> Result<Child, String> {
         let logf = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -109,16 +170,22 @@ impl Tgtd {
         let logf2 = logf.try_clone().map_err(|e| e.to_string())?;
         let mut cmd = Command::new(tgtd);
         cmd.args(["-f", "-C", &control_port.to_string(), "--iscsi"])
-            .arg(format!("portal=127.0.0.1:{port}"))
+            .arg(format!("portal={portal}"))
             .stdin(Stdio::null())
             .stdout(logf)
             .stderr(logf2)
             .process_group(0);
         // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of
         // the parent; it makes the kernel kill tgtd if the test process dies abruptly.
+        // setns(2) is a plain system call on a descriptor the parent keeps open.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                if let Some(fd) = netns {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 Ok(())
             });
         }
@@ -338,6 +405,14 @@ impl Tgtd {
         ]);
     }
 
+    /// Allows (`allow`) or stops allowing logins to `tid` from initiator
+    /// address `address` ("ALL": any). Sessions already open stay.
+    pub fn address_acl(&self, tid: u32, allow: bool, address: &str) {
+        let t = tid.to_string();
+        let op = if allow { "bind" } else { "unbind" };
+        self.must(&["--mode", "target", "--op", op, "--tid", &t, "-I", address]);
+    }
+
     /// Requires one-way CHAP on `tid`: the initiator must answer as `user`/`secret`.
     pub fn set_chap(&mut self, tid: u32, user: &str, secret: &str) {
         self.new_account(user, secret);
@@ -476,7 +551,8 @@ fn listens(pid: u32, port: u16) -> bool {
             Some(s.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
         })
         .collect();
-    let Ok(tcp) = fs::read_to_string("/proc/net/tcp") else {
+    // The process's own view: right also when it runs in another network namespace.
+    let Ok(tcp) = fs::read_to_string(format!("/proc/{pid}/net/tcp")) else {
         return false;
     };
     let want = [
