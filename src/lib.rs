@@ -12,6 +12,7 @@
 pub mod blk;
 pub mod config;
 pub mod iscsi;
+pub mod log_limit;
 pub mod metrics;
 pub mod open;
 pub mod scsi;

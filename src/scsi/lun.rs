@@ -29,6 +29,7 @@ use crate::blk::target::{
 };
 use crate::iscsi::session::{ScsiOutcome, ScsiResult, Session, SessionError, SessionTimeouts};
 use crate::iscsi::task::{DataDir, ScsiCommandReq};
+use crate::log_limit::{suppressed_note, LogLimiter};
 
 /// Opens iSCSI sessions to the LUN's target, one per queue (and again after a
 /// connection is lost).
@@ -410,6 +411,8 @@ pub struct LunQueue {
     wake: EventFd,
     /// Helper threads whose wake-up has not been read yet.
     wakes_expected: u64,
+    /// Rate limit of the per-request failure lines.
+    failure_log: LogLimiter,
 }
 
 /// Path management of one queue: failover is the reconnect (other portals
@@ -568,6 +571,7 @@ impl LunQueue {
             },
             wake,
             wakes_expected: 0,
+            failure_log: LogLimiter::new(),
         })
     }
 
@@ -881,13 +885,18 @@ impl LunQueue {
                         BlockStatus::Unsupported
                     }
                     action => {
-                        error!(
-                            "queue {}: {} failed with {}{} ({action:?})",
-                            self.index,
-                            cdb::opcode_name(cmd.cdb[0]),
-                            st.name(),
-                            parsed.map(|s| format!(": {s}")).unwrap_or_default()
-                        );
+                        // A full or failing LUN fails every request: a burst
+                        // of lines, then a count, not one line per request.
+                        if let Some(suppressed) = self.failure_log.allow() {
+                            error!(
+                                "queue {}: {} failed with {}{} ({action:?}){}",
+                                self.index,
+                                cdb::opcode_name(cmd.cdb[0]),
+                                st.name(),
+                                parsed.map(|s| format!(": {s}")).unwrap_or_default(),
+                                suppressed_note(suppressed)
+                            );
+                        }
                         BlockStatus::IoError
                     }
                 }

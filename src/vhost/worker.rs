@@ -23,6 +23,7 @@ use crate::blk::request::{
     VIRTIO_BLK_S_UNSUPP,
 };
 use crate::blk::target::{BlockOp, BlockStatus, Completion, QueueTarget};
+use crate::log_limit::{suppressed_note, LogLimiter};
 use crate::metrics::{self, LatencyHistogram, StatOp, StatStamp};
 
 use super::inflight::QueueInflight;
@@ -105,43 +106,6 @@ struct InFlight {
     status_addr: GuestAddress,
     used_len: u32,
     stat: StatStamp,
-}
-
-/// Limits the log lines a misbehaving guest can cause: a burst, then one line
-/// per interval with the count of suppressed ones.
-struct LogLimiter {
-    window_start: Instant,
-    in_window: u32,
-    suppressed: u64,
-}
-
-impl LogLimiter {
-    const BURST: u32 = 10;
-    const WINDOW: Duration = Duration::from_secs(5);
-
-    fn new() -> Self {
-        LogLimiter {
-            window_start: Instant::now(),
-            in_window: 0,
-            suppressed: 0,
-        }
-    }
-
-    /// Returns Some(number of lines suppressed before this one) if a line may be logged.
-    fn allow(&mut self) -> Option<u64> {
-        let now = Instant::now();
-        if now.duration_since(self.window_start) > Self::WINDOW {
-            self.window_start = now;
-            self.in_window = 0;
-        }
-        if self.in_window < Self::BURST {
-            self.in_window += 1;
-            Some(std::mem::take(&mut self.suppressed))
-        } else {
-            self.suppressed += 1;
-            None
-        }
-    }
 }
 
 /// One virtqueue's worker state.
@@ -431,11 +395,7 @@ impl QueueWorker {
                         "queue {}: bad request from guest (descriptor {}): {e}{}",
                         self.index,
                         parsed.head_index,
-                        if suppressed > 0 {
-                            format!(" ({suppressed} similar lines suppressed)")
-                        } else {
-                            String::new()
-                        }
+                        suppressed_note(suppressed)
                     );
                 }
                 match parsed.status_addr {
