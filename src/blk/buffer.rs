@@ -14,10 +14,40 @@ use std::sync::Arc;
 use libc::iovec;
 use smallvec::SmallVec;
 use thiserror::Error;
+use vhost_user_backend::bitmap::BitmapMmapRegion;
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-/// The guest memory type used throughout the backend.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+/// The guest memory type used throughout the backend. Each region carries a
+/// dirty-page bitmap that the frontend's log (live migration) can be plugged
+/// into: writes through vm-memory (used ring, status bytes) mark it by
+/// themselves, the data the targets move behind vm-memory's back is marked
+/// with [`mark_dirty`].
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<BitmapMmapRegion>;
+
+/// Marks the guest range `addr..addr+len` dirty in the frontend's log, so a
+/// live migration copies it again. For data written into guest memory without
+/// vm-memory (`readv`, RDMA by the target, copies through host pointers); call
+/// it after the bytes are written and before the request's used entry is
+/// published. Parts outside guest memory are ignored (nothing was written
+/// there). Costs a region lookup per range: callers check whether logging is on
+/// first.
+pub fn mark_dirty(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) {
+    let mut cur = addr;
+    let mut left = len;
+    while left > 0 {
+        let Some((region, offset)) = mem.to_region_addr(cur) else {
+            return;
+        };
+        let take = (region.len() - offset.0).min(left);
+        region.bitmap().mark_dirty(offset.0 as usize, take as usize);
+        left -= take;
+        match cur.checked_add(take) {
+            Some(next) => cur = next,
+            None => return,
+        }
+    }
+}
 
 /// Why a guest buffer could not be added to a request.
 #[derive(Debug, Clone, Error, PartialEq, Eq)]

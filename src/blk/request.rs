@@ -158,9 +158,15 @@ pub struct ParsedRequest {
     pub status_addr: Option<GuestAddress>,
     /// Bytes the device writes on success (data-in plus the status byte).
     pub used_len: u32,
+    /// Guest ranges the device writes data into (reads, GET_ID), without the
+    /// status byte: marked dirty for live migration once the data is in.
+    pub data_in_ranges: GuestRanges,
     /// The request, or why it is refused.
     pub request: Result<Request, RequestError>,
 }
+
+/// Guest (address, length) ranges; requests have one or two, kept inline.
+pub type GuestRanges = smallvec::SmallVec<[(GuestAddress, u32); 2]>;
 
 /// One side (readable or writable) of a chain as (address, length) pieces.
 #[derive(Default)]
@@ -175,6 +181,21 @@ impl Stream {
             self.parts.push((addr, len));
             self.len += len as u64;
         }
+    }
+
+    /// The first `len` bytes of the stream as guest ranges.
+    fn head_ranges(&self, len: u64) -> GuestRanges {
+        let mut out = GuestRanges::new();
+        let mut left = len;
+        for &(addr, plen) in &self.parts {
+            if left == 0 {
+                break;
+            }
+            let take = u64::from(plen).min(left);
+            out.push((addr, take as u32));
+            left -= take;
+        }
+        out
     }
 
     /// IoBuffers over `offset..offset+len` of the stream.
@@ -278,6 +299,7 @@ where
         head_index,
         status_addr,
         used_len: if status_addr.is_some() { 1 } else { 0 },
+        data_in_ranges: GuestRanges::new(),
         request: Err(e),
     };
     if last_has_next {
@@ -318,16 +340,20 @@ where
     match parse_body(
         ty, sector, &readable, &writable, data_out, data_in, mem, limits,
     ) {
-        Ok(request) => ParsedRequest {
-            head_index,
-            status_addr: Some(status),
-            used_len: 1 + match &request {
+        Ok(request) => {
+            let data_in_len = match &request {
                 Request::Block(b) if b.op == BlockOp::Read => data_in as u32,
                 Request::GetId { data } => data.len().min(ID_BYTES as u64) as u32,
                 _ => 0,
-            },
-            request: Ok(request),
-        },
+            };
+            ParsedRequest {
+                head_index,
+                status_addr: Some(status),
+                used_len: 1 + data_in_len,
+                data_in_ranges: writable.head_ranges(u64::from(data_in_len)),
+                request: Ok(request),
+            }
+        }
         Err(e) => fail(e, Some(status)),
     }
 }

@@ -8,13 +8,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use log::{info, warn};
+use log::{error, info, warn};
 use thiserror::Error;
 use vhost::vhost_user::message::{
     VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Backend, Listener, VhostUserFrontendReqHandler};
-use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -22,13 +23,18 @@ use vmm_sys_util::event::{
 };
 
 use super::inflight::InflightRegion;
-use super::worker::{QueueStats, QueueWorker};
+use super::worker::{QueueStats, QueueWorker, Vring};
 use crate::blk::buffer::GuestMemoryMmap;
 use crate::blk::config::{
     config_space, device_features, read_window, set_capacity, WRITEBACK_OFFSET,
 };
 use crate::blk::request::RequestLimits;
 use crate::blk::target::{DeviceInfo, DeviceNotifier, SharedCapacity, Target, TargetError};
+
+/// How long GET_VRING_BASE waits for a queue's in-flight requests: longer
+/// than an iSCSI command may take before it is aborted and failed (30 s
+/// command timeout, then abort and task management, 10 s).
+const STOP_RING_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Device options from the command line or config file.
 #[derive(Clone, Debug)]
@@ -130,6 +136,8 @@ pub struct BlkBackend {
     features: u64,
     event_idx: AtomicBool,
     writeback: Arc<AtomicBool>,
+    /// The frontend acked VHOST_F_LOG_ALL: log the pages data is written to.
+    dirty_log: Arc<AtomicBool>,
     workers: Vec<Mutex<QueueWorker>>,
     stats: Vec<Arc<QueueStats>>,
     target: Arc<dyn Target>,
@@ -179,18 +187,29 @@ impl BlkBackend {
                 .map(|d| (d.max_sectors, d.max_segments)),
         });
         let writeback = Arc::new(AtomicBool::new(info.write_cache));
+        let dirty_log = Arc::new(AtomicBool::new(false));
         let mut workers = Vec::with_capacity(opts.num_queues);
         let mut stats = Vec::with_capacity(opts.num_queues);
         for index in 0..opts.num_queues {
             let q = target
                 .open_queue(index)
                 .map_err(|source| DeviceError::OpenQueue { index, source })?;
-            let w = QueueWorker::new(index, q, limits.clone(), &info.serial, writeback.clone());
+            let w = QueueWorker::new(
+                index,
+                q,
+                limits.clone(),
+                &info.serial,
+                writeback.clone(),
+                dirty_log.clone(),
+            );
             stats.push(w.stats());
             workers.push(Mutex::new(w));
         }
+        // LOG_ALL (with LOG_SHMFD below): the frontend may migrate the VM;
+        // every write into guest memory is then logged.
         let features = device_features(&info, opts.num_queues)
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | VhostUserVirtioFeatures::LOG_ALL.bits();
         Ok(BlkBackend {
             info,
             num_queues: opts.num_queues,
@@ -199,6 +218,7 @@ impl BlkBackend {
             features,
             event_idx: AtomicBool::new(false),
             writeback,
+            dirty_log,
             workers,
             stats,
             target,
@@ -252,8 +272,8 @@ impl BlkBackend {
 }
 
 impl VhostUserBackend for BlkBackend {
-    type Bitmap = ();
-    type Vring = VringRwLock;
+    type Bitmap = BitmapMmapRegion;
+    type Vring = Vring;
 
     fn num_queues(&self) -> usize {
         self.num_queues
@@ -274,6 +294,18 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
             | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::LOG_SHMFD
+    }
+
+    fn acked_features(&self, features: u64) {
+        let on = features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
+        let was = self.dirty_log.swap(on, Ordering::SeqCst);
+        if on != was {
+            info!(
+                "frontend {} dirty page logging (live migration)",
+                if on { "turned on" } else { "turned off" }
+            );
+        }
     }
 
     fn set_backend_req_fd(&self, channel: Backend) {
@@ -366,16 +398,37 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        // GET_VRING_BASE: the frontend reads last_avail_idx next, so every
-        // request we took must be in the used ring first.
+        // GET_VRING_BASE (the frontend stops the device: migration, shutdown,
+        // reset). The ring is already not ready, so nothing new is popped.
+        // The frontend reads last_avail_idx from our answer, and during a
+        // migration it copies guest memory a last time right after: every
+        // request we took must be completed, its data in guest memory and
+        // logged, and its used entry published before we answer. A request
+        // completing later would write into memory nobody copies any more
+        // and the guest on the destination would wait for it forever.
         let q = queue_index as usize;
-        if q < self.num_queues {
-            let left = self.wait_idle(q..q + 1, Duration::from_secs(60));
-            if left > 0 {
-                warn!(
-                    "queue {q}: {left} requests still in flight when the frontend stopped the ring"
-                );
-            }
+        if q >= self.num_queues {
+            return Ok(());
+        }
+        let busy = self.worker(q).in_flight();
+        if busy == 0 {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let left = self.wait_idle(q..q + 1, STOP_RING_TIMEOUT);
+        if left > 0 {
+            error!(
+                "queue {q}: the frontend stopped the ring with {busy} requests in flight; \
+                 {left} did not complete within {} s and may still write into guest memory \
+                 (a migration in progress may lose them)",
+                STOP_RING_TIMEOUT.as_secs()
+            );
+        } else {
+            info!(
+                "queue {q}: the frontend stopped the ring with {busy} requests in flight; \
+                 completed them in {} ms",
+                started.elapsed().as_millis()
+            );
         }
         Ok(())
     }
@@ -384,7 +437,7 @@ impl VhostUserBackend for BlkBackend {
         &self,
         device_event: u16,
         _evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
         // One queue per thread: the thread's only vring is queue `thread_id`.

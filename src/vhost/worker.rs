@@ -17,16 +17,19 @@ use vm_memory::{
     GuestRegionMmap,
 };
 
-use crate::blk::buffer::GuestMemoryMmap;
+use crate::blk::buffer::{mark_dirty, GuestMemoryMmap};
 use crate::blk::request::{
-    parse_request, Request, RequestLimits, ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
-    VIRTIO_BLK_S_UNSUPP,
+    parse_request, GuestRanges, Request, RequestLimits, ID_BYTES, VIRTIO_BLK_S_IOERR,
+    VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
 };
 use crate::blk::target::{BlockOp, BlockStatus, Completion, QueueTarget};
 use crate::log_limit::{suppressed_note, LogLimiter};
 use crate::metrics::{self, LatencyHistogram, StatOp, StatStamp};
 
 use super::inflight::QueueInflight;
+
+/// A virtqueue over the backend's guest memory (regions with dirty bitmaps).
+pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemoryMmap>>;
 
 /// How long a worker watches its ring for more requests after a batch:
 /// `VHOST_ISER_RING_POLL_US` if set; else 20 µs for targets that complete
@@ -106,6 +109,8 @@ struct InFlight {
     status_addr: GuestAddress,
     used_len: u32,
     stat: StatStamp,
+    /// Where the target writes data (reads): logged dirty at completion.
+    data_in: GuestRanges,
 }
 
 /// One virtqueue's worker state.
@@ -124,6 +129,9 @@ pub struct QueueWorker {
     writeback: Arc<AtomicBool>,
     /// Used entries were added since the last interrupt decision.
     pending_signal: bool,
+    /// The frontend logs dirty pages (VHOST_F_LOG_ALL: live migration), set
+    /// by the backend; read once per completed request that wrote data.
+    dirty_log: Arc<AtomicBool>,
     /// Guest memory, set when the frontend sends its memory table.
     mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
     stats: Arc<QueueStats>,
@@ -142,6 +150,7 @@ impl QueueWorker {
         limits: Arc<RequestLimits>,
         serial: &[u8],
         writeback: Arc<AtomicBool>,
+        dirty_log: Arc<AtomicBool>,
     ) -> Self {
         let mut id = [0u8; ID_BYTES];
         let n = serial.len().min(ID_BYTES);
@@ -158,6 +167,7 @@ impl QueueWorker {
             draining: false,
             writeback,
             pending_signal: false,
+            dirty_log,
             mem: None,
             stats: Arc::new(QueueStats::default()),
             inflight: None,
@@ -196,7 +206,7 @@ impl QueueWorker {
     /// Handles a kick: takes every available request, submits them, completes
     /// what is done. Event-idx: notifications stay off while we work, and we
     /// re-check the ring after turning them back on so no kick is lost.
-    pub fn process_queue(&mut self, vring: &VringRwLock, event_idx: bool) {
+    pub fn process_queue(&mut self, vring: &Vring, event_idx: bool) {
         if self.draining {
             return;
         }
@@ -241,11 +251,7 @@ impl QueueWorker {
     }
 
     /// Spins up to [`RING_POLL`] for new available descriptors; true if some came.
-    fn ring_poll_window(
-        &self,
-        vring: &VringRwLock,
-        mem: &GuestMemoryAtomic<GuestMemoryMmap>,
-    ) -> bool {
+    fn ring_poll_window(&self, vring: &Vring, mem: &GuestMemoryAtomic<GuestMemoryMmap>) -> bool {
         let window = ring_poll(self.target.event_fd().is_none());
         if window.is_zero() {
             return false;
@@ -271,7 +277,7 @@ impl QueueWorker {
     }
 
     /// Handles the target's event fd: collects completions.
-    pub fn process_target(&mut self, vring: &VringRwLock) {
+    pub fn process_target(&mut self, vring: &Vring) {
         let Some(mem) = self.mem.clone() else {
             return;
         };
@@ -295,7 +301,7 @@ impl QueueWorker {
         self.draining = true;
     }
 
-    fn pop_and_submit(&mut self, vring: &VringRwLock, mem: &GuestMemoryAtomic<GuestMemoryMmap>) {
+    fn pop_and_submit(&mut self, vring: &Vring, mem: &GuestMemoryAtomic<GuestMemoryMmap>) {
         let guard = mem.memory();
         let snapshot: Arc<GuestMemoryMmap> = guard.into_inner();
         // One clock read per batch: latency is measured from the batch start.
@@ -315,7 +321,7 @@ impl QueueWorker {
     /// Re-reads the heads a previous back-end process had taken and not
     /// completed (recorded in the inflight region), submits them again in
     /// their original order, and moves the ring past them.
-    fn resubmit_inflight(&mut self, vring: &VringRwLock, mem: &GuestMemoryAtomic<GuestMemoryMmap>) {
+    fn resubmit_inflight(&mut self, vring: &Vring, mem: &GuestMemoryAtomic<GuestMemoryMmap>) {
         let Some(tracker) = self.inflight.as_mut() else {
             return;
         };
@@ -377,7 +383,7 @@ impl QueueWorker {
     /// Parses one popped chain and hands it to the target (or answers it).
     fn submit_chain(
         &mut self,
-        vring: &VringRwLock,
+        vring: &Vring,
         chain: DescriptorChain<&GuestMemoryMmap>,
         snapshot: &Arc<GuestMemoryMmap>,
         batch_start: Instant,
@@ -414,6 +420,7 @@ impl QueueWorker {
         match request {
             Request::GetId { data } => {
                 data.write_at(0, &self.serial);
+                self.log_data_in(snapshot, &parsed.data_in_ranges);
                 self.stats.record_answer(StatOp::GetId, 0, VIRTIO_BLK_S_OK);
                 self.finish(
                     vring,
@@ -441,6 +448,7 @@ impl QueueWorker {
                     status_addr,
                     used_len: parsed.used_len,
                     stat,
+                    data_in: parsed.data_in_ranges,
                 });
                 self.target.submit(tag, req);
             }
@@ -449,12 +457,7 @@ impl QueueWorker {
 
     /// Completes what the target has finished. `receive`: look for new
     /// completions (the target's fd fired); after submits only send.
-    fn complete(
-        &mut self,
-        vring: &VringRwLock,
-        mem: &GuestMemoryAtomic<GuestMemoryMmap>,
-        receive: bool,
-    ) {
+    fn complete(&mut self, vring: &Vring, mem: &GuestMemoryAtomic<GuestMemoryMmap>, receive: bool) {
         let mut done = std::mem::take(&mut self.done);
         if receive {
             self.target.poll(&mut done);
@@ -483,6 +486,10 @@ impl QueueWorker {
                 BlockStatus::Unsupported => (VIRTIO_BLK_S_UNSUPP, 1),
             };
             self.stats.record_done(entry.stat, status, now);
+            // The target wrote the data behind vm-memory's back (readv, RDMA,
+            // copies): log it before the used entry tells the guest. Also on
+            // errors, which may come after part of the data arrived.
+            self.log_data_in(&snapshot, &entry.data_in);
             self.finish(
                 vring,
                 &snapshot,
@@ -496,9 +503,20 @@ impl QueueWorker {
         self.signal(vring);
     }
 
+    /// Marks `ranges` dirty in the frontend's log if it is logging (live
+    /// migration); otherwise one relaxed load.
+    fn log_data_in(&self, mem: &GuestMemoryMmap, ranges: &GuestRanges) {
+        if ranges.is_empty() || !self.dirty_log.load(Ordering::Relaxed) {
+            return;
+        }
+        for &(addr, len) in ranges {
+            mark_dirty(mem, addr, u64::from(len));
+        }
+    }
+
     fn finish(
         &mut self,
-        vring: &VringRwLock,
+        vring: &Vring,
         mem: &GuestMemoryMmap,
         head: u16,
         status_addr: GuestAddress,
@@ -515,7 +533,7 @@ impl QueueWorker {
         self.add_used(vring, head, len);
     }
 
-    fn add_used(&mut self, vring: &VringRwLock, head: u16, len: u32) {
+    fn add_used(&mut self, vring: &Vring, head: u16, len: u32) {
         if let Some(t) = &self.inflight {
             t.before_used(head);
         }
@@ -532,7 +550,7 @@ impl QueueWorker {
     }
 
     /// One interrupt per batch, and only if the guest asked for it (event-idx).
-    fn signal(&mut self, vring: &VringRwLock) {
+    fn signal(&mut self, vring: &Vring) {
         if !std::mem::take(&mut self.pending_signal) {
             return;
         }
@@ -666,6 +684,7 @@ mod tests {
             limits,
             b"serial",
             Arc::new(AtomicBool::new(true)),
+            Arc::new(AtomicBool::new(false)),
         );
         w.set_memory(mem.clone());
         w
@@ -708,7 +727,7 @@ mod tests {
         }
 
         let mem = GuestMemoryAtomic::new(gm.clone());
-        let vring = VringRwLock::new(mem.clone(), QSIZE).unwrap();
+        let vring = Vring::new(mem.clone(), QSIZE).unwrap();
         vring.set_queue_size(QSIZE);
         vring
             .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
@@ -780,7 +799,7 @@ mod tests {
             old.popped(15); // never a chain: an all-zero descriptor
         }
         let mem = GuestMemoryAtomic::new(gm.clone());
-        let vring = VringRwLock::new(mem.clone(), QSIZE).unwrap();
+        let vring = Vring::new(mem.clone(), QSIZE).unwrap();
         vring.set_queue_size(QSIZE);
         vring
             .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
@@ -793,5 +812,144 @@ mod tests {
         assert_eq!(used_idx, 3, "every replayed head is answered");
         assert_eq!(gm.read_obj::<u8>(status(0)).unwrap(), VIRTIO_BLK_S_OK);
         assert_eq!(vring.queue_next_avail(), 3);
+    }
+
+    /// A dirty log plugged into every region of `mem`, as SET_LOG_BASE does;
+    /// returns the log file (one bit per 4 KiB page).
+    fn plug_log(mem: &GuestMemoryMmap) -> std::fs::File {
+        use std::os::fd::AsFd;
+        use vhost_user_backend::bitmap::{
+            AtomicBitmapMmap, BitmapReplace, MemRegionBitmap, MmapLogReg,
+        };
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(4096).unwrap();
+        let log = Arc::new(MmapLogReg::from_file(file.as_fd(), 0, 4096).unwrap());
+        for region in mem.iter() {
+            let bitmap = AtomicBitmapMmap::new(region, log.clone()).unwrap();
+            vm_memory::MmapRegion::bitmap(region).replace(bitmap);
+        }
+        file
+    }
+
+    /// Pages whose bit is set in the log, clearing them (as the frontend's sync does).
+    fn take_dirty_pages(log: &std::fs::File) -> Vec<u64> {
+        use std::os::unix::fs::FileExt;
+        let mut bits = [0u8; 4096];
+        log.read_exact_at(&mut bits, 0).unwrap();
+        log.write_all_at(&[0u8; 4096], 0).unwrap();
+        let mut pages = Vec::new();
+        for (i, byte) in bits.iter().enumerate() {
+            for bit in 0..8 {
+                if byte & (1 << bit) != 0 {
+                    pages.push((i * 8 + bit) as u64);
+                }
+            }
+        }
+        pages
+    }
+
+    /// A read of two sectors into a buffer that straddles pages 0x20/0x21.
+    fn straddling_read(gm: &GuestMemoryMmap, vq: &MockSplitQueue<GuestMemoryMmap>, first: u16) {
+        gm.write_obj(VIRTIO_BLK_T_IN, hdr(0)).unwrap();
+        gm.write_obj(0u32, hdr(0).unchecked_add(4)).unwrap();
+        gm.write_obj(0u64, hdr(0).unchecked_add(8)).unwrap();
+        vq.add_desc_chains(
+            &[
+                RawDescriptor::from(SplitDescriptor::new(hdr(0).0, 16, F_NEXT, first + 1)),
+                RawDescriptor::from(SplitDescriptor::new(
+                    0x20e00,
+                    0x400,
+                    F_NEXT | F_WRITE,
+                    first + 2,
+                )),
+                RawDescriptor::from(SplitDescriptor::new(status(0).0, 1, F_WRITE, 0)),
+            ],
+            first,
+        )
+        .unwrap();
+    }
+
+    /// While the frontend logs (live migration), a read marks exactly the
+    /// pages the device wrote: the two data pages (written by the target
+    /// behind vm-memory), the status byte's and the used ring's (vm-memory),
+    /// not the header's or any other; once logging stops nothing is marked.
+    #[test]
+    fn dirty_log_marks_exactly_the_pages_written() {
+        let gm = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap();
+        let vq = MockSplitQueue::new(&gm, QSIZE);
+        // The ring lives in page 0 (descriptors, avail and used rings).
+        assert!(vq.used_addr().0 < 0x1000);
+        straddling_read(&gm, &vq, 0);
+        let log = plug_log(&gm);
+        assert!(take_dirty_pages(&log).is_empty());
+
+        let mem = GuestMemoryAtomic::new(gm.clone());
+        let vring = Vring::new(mem.clone(), QSIZE).unwrap();
+        vring.set_queue_size(QSIZE);
+        vring
+            .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
+            .unwrap();
+        vring.set_queue_ready(true);
+        let mut w = worker(&mem);
+        w.dirty_log.store(true, Ordering::Relaxed);
+        w.process_queue(&vring, false);
+        assert_eq!(gm.read_obj::<u8>(status(0)).unwrap(), VIRTIO_BLK_S_OK);
+        assert_eq!(take_dirty_pages(&log), vec![0, 0x20, 0x21, 0x30]);
+
+        // Without the worker's flag only vm-memory's own writes are logged:
+        // the data marks above came from the completion path.
+        w.dirty_log.store(false, Ordering::Relaxed);
+        straddling_read(&gm, &vq, 3);
+        take_dirty_pages(&log);
+        w.process_queue(&vring, false);
+        assert_eq!(take_dirty_pages(&log), vec![0, 0x30]);
+
+        // Logging stopped (SET_FEATURES without LOG_ALL): nothing is marked.
+        for region in gm.iter() {
+            use vhost_user_backend::bitmap::BitmapReplace;
+            vm_memory::MmapRegion::bitmap(region).clear();
+        }
+        straddling_read(&gm, &vq, 6);
+        take_dirty_pages(&log);
+        w.dirty_log.store(true, Ordering::Relaxed);
+        w.process_queue(&vring, false);
+        assert_eq!(
+            gm.read_obj::<u16>(vq.used_addr().unchecked_add(2)).unwrap(),
+            3
+        );
+        assert!(take_dirty_pages(&log).is_empty());
+    }
+
+    /// GET_ID's serial is copied through a host pointer: logged too.
+    #[test]
+    fn dirty_log_marks_get_id() {
+        let gm = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap();
+        let vq = MockSplitQueue::new(&gm, QSIZE);
+        gm.write_obj(crate::blk::request::VIRTIO_BLK_T_GET_ID, hdr(0))
+            .unwrap();
+        vq.add_desc_chains(
+            &[
+                RawDescriptor::from(SplitDescriptor::new(hdr(0).0, 16, F_NEXT, 1)),
+                RawDescriptor::from(SplitDescriptor::new(0x45ff8, 20, F_NEXT | F_WRITE, 2)),
+                RawDescriptor::from(SplitDescriptor::new(status(0).0, 1, F_WRITE, 0)),
+            ],
+            0,
+        )
+        .unwrap();
+        let log = plug_log(&gm);
+        let mem = GuestMemoryAtomic::new(gm.clone());
+        let vring = Vring::new(mem.clone(), QSIZE).unwrap();
+        vring.set_queue_size(QSIZE);
+        vring
+            .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
+            .unwrap();
+        vring.set_queue_ready(true);
+        let mut w = worker(&mem);
+        w.dirty_log.store(true, Ordering::Relaxed);
+        w.process_queue(&vring, false);
+        let mut serial = [0u8; 6];
+        gm.read_slice(&mut serial, GuestAddress(0x45ff8)).unwrap();
+        assert_eq!(&serial, b"serial");
+        assert_eq!(take_dirty_pages(&log), vec![0, 0x30, 0x45, 0x46]);
     }
 }

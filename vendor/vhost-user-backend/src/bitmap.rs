@@ -4,7 +4,7 @@
 
 use std::ops::Index;
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};
 use std::{io, ptr};
 use vm_memory::bitmap::{Bitmap, BitmapSlice, WithBitmapSlice};
@@ -23,6 +23,11 @@ pub trait BitmapReplace: Bitmap {
 
     /// Replace the internal `Bitmap`
     fn replace(&self, bitmap: Self::InnerBitmap);
+
+    /// vhost-iser patch: drop the internal `Bitmap`, so writes are no longer
+    /// logged (the front-end turned `VHOST_F_LOG_ALL` off: migration ended or
+    /// was cancelled).
+    fn clear(&self);
 }
 
 /// A bitmap relative to a memory region
@@ -42,6 +47,8 @@ impl BitmapReplace for () {
     fn replace(&self, _bitmap: ()) {
         panic!("The unit bitmap () must not be used if VHOST_USER_PROTOCOL_F_LOG_SHMFD is set");
     }
+
+    fn clear(&self) {}
 }
 
 impl MemRegionBitmap for () {
@@ -67,11 +74,27 @@ pub struct BitmapMmapRegion {
     // TODO: To avoid both reader and writer starvation we can replace the `std::sync::RwLock` with
     // `parking_lot::RwLock`.
     inner: Arc<RwLock<Option<AtomicBitmapMmap>>>,
+    // vhost-iser patch: whether `inner` holds a bitmap. Every write through
+    // vm-memory calls `mark_dirty`; without this flag each one would take the
+    // read lock, an atomic read-modify-write on a cache line that all queue
+    // threads writing into the same region share. A plain load of a flag that
+    // only changes when logging starts or stops keeps the line shared instead.
+    active: Arc<AtomicBool>,
     base_address: usize, // The slice's base address
+}
+
+impl BitmapMmapRegion {
+    /// vhost-iser patch: whether a dirty log is installed (writes are logged).
+    pub fn is_logging(&self) -> bool {
+        self.active.load(Ordering::Acquire)
+    }
 }
 
 impl Bitmap for BitmapMmapRegion {
     fn mark_dirty(&self, offset: usize, len: usize) {
+        if !self.active.load(Ordering::Acquire) {
+            return;
+        }
         let inner = self.inner.read().unwrap();
         if let Some(bitmap) = inner.as_ref() {
             if let Some(absolute_offset) = self.base_address.checked_add(offset) {
@@ -90,6 +113,7 @@ impl Bitmap for BitmapMmapRegion {
     fn slice_at(&self, offset: usize) -> <Self as WithBitmapSlice<'_>>::S {
         Self {
             inner: Arc::clone(&self.inner),
+            active: Arc::clone(&self.active),
             base_address: self.base_address.saturating_add(offset),
         }
     }
@@ -101,6 +125,13 @@ impl BitmapReplace for BitmapMmapRegion {
     fn replace(&self, bitmap: AtomicBitmapMmap) {
         let mut inner = self.inner.write().unwrap();
         inner.replace(bitmap);
+        self.active.store(true, Ordering::Release);
+    }
+
+    fn clear(&self) {
+        let mut inner = self.inner.write().unwrap();
+        self.active.store(false, Ordering::Release);
+        inner.take();
     }
 }
 
@@ -229,7 +260,10 @@ impl MmapLogReg {
     // Note: The specification does not define whether the offset must be page-aligned or not.
     // But, since we are receiving the offset from the frontend to be used to call mmap,
     // we assume it is properly aligned (currently, qemu always send a 0 offset).
-    pub(crate) fn from_file(fd: BorrowedFd, offset: u64, len: u64) -> io::Result<Self> {
+    ///
+    /// vhost-iser patch: public, so a back-end's tests can plug a log into
+    /// their guest memory the way `SET_LOG_BASE` does.
+    pub fn from_file(fd: BorrowedFd, offset: u64, len: u64) -> io::Result<Self> {
         let offset: isize = offset.io_try_into()?;
         let len: usize = len.io_try_into()?;
 
@@ -260,7 +294,7 @@ impl MmapLogReg {
         })
     }
 
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.len
     }
 }

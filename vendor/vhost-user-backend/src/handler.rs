@@ -32,7 +32,8 @@ use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Error as VirtQueError, QueueT};
 use vm_memory::mmap::NewBitmap;
 use vm_memory::{
-    GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap,
+    GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap,
 };
 use vmm_sys_util::epoll::EventSet;
 
@@ -132,6 +133,9 @@ pub struct VhostUserHandler<T: VhostUserBackend> {
     #[cfg(feature = "postcopy")]
     pending_mem: Option<GuestMemoryMmap<T::Bitmap>>,
     worker_threads: Vec<thread::JoinHandle<VringEpollResult<()>>>,
+    // vhost-iser patch: the dirty log from SET_LOG_BASE while logging is on,
+    // kept so regions added later get a bitmap too.
+    dirty_log: Option<Arc<MmapLogReg>>,
 }
 
 // Ensure VhostUserHandler: Clone + Send + Sync + 'static.
@@ -195,6 +199,7 @@ where
             #[cfg(feature = "postcopy")]
             pending_mem: None,
             worker_threads,
+            dirty_log: None,
         })
     }
 }
@@ -322,6 +327,67 @@ where
     }
 }
 
+// vhost-iser patch: dirty log bookkeeping shared by SET_LOG_BASE,
+// SET_FEATURES and the memory table messages.
+impl<T: VhostUserBackend> VhostUserHandler<T>
+where
+    T::Bitmap: BitmapReplace + NewBitmap + Clone,
+{
+    /// Gives every region in `regions` a bitmap in the current dirty log, if
+    /// there is one. All bitmaps are built before any is installed, so an
+    /// error leaves the regions as they were.
+    fn log_regions<'a>(
+        &self,
+        regions: impl Iterator<Item = &'a GuestRegionMmap<T::Bitmap>>,
+    ) -> VhostUserResult<()>
+    where
+        T::Bitmap: 'a,
+    {
+        let Some(logmem) = &self.dirty_log else {
+            return Ok(());
+        };
+        let mut bitmaps = Vec::new();
+        for region in regions {
+            let bitmap = <<T as VhostUserBackend>::Bitmap as BitmapReplace>::InnerBitmap::new(
+                region,
+                Arc::clone(logmem),
+            )
+            .map_err(|e| {
+                log::error!(
+                    "dirty log of {} bytes does not cover the memory region at guest address {:#x} ({:#x} bytes)",
+                    logmem.len(),
+                    region.start_addr().0,
+                    region.len()
+                );
+                VhostUserError::ReqHandlerError(e)
+            })?;
+            bitmaps.push((region, bitmap));
+        }
+        for (region, bitmap) in bitmaps {
+            // The mapping's own bitmap (MmapRegion::bitmap), not a slice of it.
+            (**region).bitmap().replace(bitmap);
+        }
+        Ok(())
+    }
+
+    /// Stops logging writes: every region drops its bitmap, the log is unmapped.
+    fn stop_dirty_log(&mut self) {
+        if self.dirty_log.take().is_none() {
+            return;
+        }
+        for region in self.atomic_mem.memory().iter() {
+            (**region).bitmap().clear();
+        }
+        #[cfg(feature = "postcopy")]
+        if let Some(pending) = &self.pending_mem {
+            for region in pending.iter() {
+                (**region).bitmap().clear();
+            }
+        }
+        log::info!("dirty page logging stopped (the front-end turned VHOST_F_LOG_ALL off)");
+    }
+}
+
 impl<T: VhostUserBackend> VhostUserBackendReqHandlerMut for VhostUserHandler<T>
 where
     T::Bitmap: BitmapReplace + NewBitmap + Clone,
@@ -367,6 +433,13 @@ where
 
         self.acked_features = features;
         self.features_acked = true;
+
+        // vhost-iser patch: VHOST_F_LOG_ALL off ends dirty logging (a
+        // migration that finished or was cancelled); the front-end sends no
+        // other message for it. A later migration sends SET_LOG_BASE again.
+        if features & VhostUserVirtioFeatures::LOG_ALL.bits() == 0 {
+            self.stop_dirty_log();
+        }
 
         // Upon receiving a `VHOST_USER_SET_FEATURES` message from the front-end without
         // `VHOST_USER_F_PROTOCOL_FEATURES` set, the back-end must enable all rings immediately.
@@ -435,6 +508,8 @@ where
 
         let mem = GuestMemoryMmap::from_regions(regions)
             .map_err(|e| VhostUserError::ReqHandlerError(io::Error::other(e)))?;
+        // vhost-iser patch: while logging, the new regions log too.
+        self.log_regions(mem.iter())?;
 
         #[cfg(feature = "postcopy")]
         if postcopy_listening == Some(true) {
@@ -732,6 +807,9 @@ where
             ))?,
         );
 
+        // vhost-iser patch: a region added while logging logs too.
+        self.log_regions(std::iter::once(&*guest_region))?;
+
         let addr_mapping = AddrMapping {
             #[cfg(feature = "postcopy")]
             local_addr: guest_region.as_ptr() as u64,
@@ -918,6 +996,9 @@ where
     // TODO: We ignore the `LOG_ALL` flag on `SET_FEATURES`, so we will continue marking pages as
     // dirty even if the migration fails. We need to disable the logging after receiving  a
     // `SET_FEATURE` without the `LOG_ALL` flag.
+    //
+    // vhost-iser patch: the TODO above is done (SET_FEATURES without LOG_ALL
+    // stops logging), and the log is kept for regions added later.
     fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VhostUserResult<()> {
         let mem = self.atomic_mem.memory();
 
@@ -926,20 +1007,23 @@ where
                 .map_err(VhostUserError::ReqHandlerError)?,
         );
 
-        // Let's create all bitmaps first before replacing them, in case any of them fails
-        let mut bitmaps = Vec::new();
-        for region in mem.iter() {
-            let bitmap = <<T as VhostUserBackend>::Bitmap as BitmapReplace>::InnerBitmap::new(
-                region,
-                Arc::clone(&logmem),
-            )
-            .map_err(VhostUserError::ReqHandlerError)?;
-
-            bitmaps.push((region, bitmap));
+        // The new log replaces the old one (it is resized when memory grows);
+        // bitmaps are all built before any is installed, in case one fails.
+        let previous = self.dirty_log.replace(logmem);
+        if let Err(e) = self.log_regions(mem.iter()) {
+            self.dirty_log = previous;
+            return Err(e);
         }
-
-        for (region, bitmap) in bitmaps {
-            (*region).bitmap().replace(bitmap);
+        #[cfg(feature = "postcopy")]
+        if let Some(pending) = &self.pending_mem {
+            self.log_regions(pending.iter())?;
+        }
+        if previous.is_none() {
+            log::info!(
+                "dirty page logging started ({} bytes of log for {} memory region(s))",
+                log.mmap_size,
+                mem.num_regions()
+            );
         }
 
         Ok(())
