@@ -489,6 +489,11 @@ pub fn serve(backend: Arc<BlkBackend>, socket: &Path) -> Result<(), DeviceError>
             .map_err(|e| err(format!("cannot accept a frontend: {e}")))?;
         match daemon.wait() {
             Ok(()) => info!("frontend disconnected"),
+            // The frontend closed the socket between messages: it exited,
+            // was killed, or reconnects. Not an error of ours or of the guest.
+            Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected,
+            )) => info!("frontend disconnected (socket closed)"),
             Err(e) => warn!("frontend connection ended: {e}"),
         }
         backend.changes.set_channel(None);
