@@ -12,8 +12,10 @@
 #   vi_mode=migrate  fio loops over /dev/vda for vi_secs=N seconds (default
 #                    30): each loop is a 16k random write of 16 MiB with a
 #                    crc32c header per block, then reads all of it back and
-#                    verifies it (verify_fatal). "VI-FIO-START" on the console
-#                    when the first loop starts, "VI-LOOP n" after each.
+#                    verifies it (verify_fatal), then "VI-READS n" and three
+#                    more read+verify passes (fio verify_only: reads only).
+#                    "VI-FIO-START" on the console when the first loop
+#                    starts, "VI-LOOP n" after each.
 #   vi_mode=write    the same job once (write + verify, fixed seed), then
 #                    "VI-WRITTEN", then random reads until the VM is killed.
 #   vi_mode=verify   only verifies what vi_mode=write wrote (fio verify_only).
@@ -67,6 +69,12 @@ case "$MODE" in
       n=$((n+1))
       job "$n" || failed "fio loop $n"
       grep -q "err= 0" /tmp/fio.out || failed "fio loop $n reported an error"
+      # a read-only phase the host can aim at (tests/guest_migration.rs)
+      echo "VI-READS $n"
+      for k in 1 2 3; do
+        job "$n" --verify_only || failed "fio loop $n, verify pass $k"
+        grep -q "err= 0" /tmp/fio.out || failed "fio loop $n, verify pass $k reported an error"
+      done
       echo "VI-LOOP $n at $(cut -d' ' -f1 /proc/uptime)s"
     done
     cat /tmp/fio.out
