@@ -2,6 +2,8 @@
 //! socket to the real `vhost-iser` binary. Each malformed message must be
 //! refused (an error reply or the connection closed), the process must stay
 //! alive, and afterwards a well-behaved libblkio client must still be served.
+//! The same raw front-end also drives the live-migration messages
+//! (SET_LOG_BASE, VHOST_F_LOG_ALL on and off) and checks the dirty log.
 
 mod client;
 
@@ -528,4 +530,197 @@ fn malformed_messages_are_refused_and_the_backend_survives() {
         "no log line for the oversized region:\n{log}"
     );
     assert!(!log.contains("panicked"), "a thread panicked:\n{log}");
+}
+
+const SET_LOG_BASE: u32 = 6;
+const F_LOG_ALL: u64 = 1 << 26;
+const P_LOG_SHMFD: u64 = 1 << 1;
+
+/// Pages whose bit is set in a vhost dirty log, clearing the log afterwards.
+fn take_dirty_pages(log: &File) -> Vec<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut bits = [0u8; 4096];
+    log.read_exact_at(&mut bits, 0).unwrap();
+    log.write_all_at(&[0u8; 4096], 0).unwrap();
+    let mut pages = Vec::new();
+    for (i, byte) in bits.iter().enumerate() {
+        for bit in 0..8 {
+            if byte & (1 << bit) != 0 {
+                pages.push((i * 8 + bit) as u64);
+            }
+        }
+    }
+    pages
+}
+
+/// The migration half of the protocol, as QEMU drives it: SET_LOG_BASE, a
+/// region added after it (ADD_MEM_REG), VHOST_F_LOG_ALL on, a read whose data
+/// lands in that region; then LOG_ALL off (a cancelled migration) and a
+/// second read. The log must hold exactly the pages the back-end wrote while
+/// logging (data, status byte, used ring), and nothing afterwards.
+#[test]
+fn dirty_log_follows_log_all_and_covers_regions_added_later() {
+    let b = Backend::start(&["--target", "mem:16M"]);
+    let mut c = Conn::connect(&b.socket);
+    assert!(c.send(SET_OWNER, 0, &[], &[]));
+    let features = c.get_u64(GET_FEATURES);
+    assert!(features & F_LOG_ALL != 0, "VHOST_F_LOG_ALL not offered");
+    let proto = c.get_u64(GET_PROTOCOL_FEATURES);
+    assert!(proto & P_LOG_SHMFD != 0, "LOG_SHMFD not offered");
+    let want = proto & (P_MQ | P_REPLY_ACK | P_CONFIG | P_MEM_SLOTS | P_LOG_SHMFD);
+    assert_eq!(
+        c.request(SET_PROTOCOL_FEATURES, &want.to_le_bytes(), &[]),
+        Outcome::Accepted
+    );
+    let base = features & (F_PROTOCOL_FEATURES | F_VERSION_1);
+    assert_eq!(
+        c.request(SET_FEATURES, &base.to_le_bytes(), &[]),
+        Outcome::Accepted
+    );
+
+    // Guest memory: two 1 MiB regions of one memfd, the second added after
+    // the log. Mapped here too, to play the guest.
+    let f = memfd(2 * MEM);
+    // SAFETY: a fresh shared mapping of our own 2 MiB memfd.
+    let guest = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            2 * MEM as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(guest, libc::MAP_FAILED);
+    let guest = guest.cast::<u8>();
+    let put = |gpa: u64, bytes: &[u8]| {
+        assert!(gpa as usize + bytes.len() <= 2 * MEM as usize);
+        // SAFETY: in bounds of the 2 MiB mapping (checked above).
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), guest.add(gpa as usize), bytes.len())
+        };
+    };
+    let get_u16 = |gpa: u64| -> u16 {
+        // SAFETY: in bounds of the mapping; the back-end writes it concurrently.
+        unsafe { std::ptr::read_volatile(guest.add(gpa as usize).cast::<u16>()) }
+    };
+    assert_eq!(
+        c.request(
+            ADD_MEM_REG,
+            &add_mem_reg(0, MEM, UADDR, 0),
+            &[f.as_raw_fd()]
+        ),
+        Outcome::Accepted
+    );
+    let log = memfd(4096);
+    let mut msg = 4096u64.to_le_bytes().to_vec();
+    msg.extend(0u64.to_le_bytes());
+    assert!(c.send(SET_LOG_BASE, 0, &msg, &[log.as_raw_fd()]));
+    assert!(c.recv().is_some(), "no reply to SET_LOG_BASE:\n{}", b.log());
+    assert_eq!(
+        c.request(
+            ADD_MEM_REG,
+            &add_mem_reg(MEM, MEM, UADDR + MEM, MEM),
+            &[f.as_raw_fd()]
+        ),
+        Outcome::Accepted
+    );
+    assert_eq!(
+        c.request(SET_FEATURES, &(base | F_LOG_ALL).to_le_bytes(), &[]),
+        Outcome::Accepted
+    );
+
+    // Ring of 16: descriptors in page 0, avail ring page 1, used ring page 2.
+    const QSZ: u32 = 16;
+    let (desc, avail, used) = (0u64, 0x1000u64, 0x2000u64);
+    assert_eq!(
+        c.request(SET_VRING_NUM, &vring_state(0, QSZ), &[]),
+        Outcome::Accepted
+    );
+    assert_eq!(
+        c.request(
+            SET_VRING_ADDR,
+            &vring_addr(0, UADDR + desc, UADDR + used, UADDR + avail),
+            &[]
+        ),
+        Outcome::Accepted
+    );
+    assert_eq!(
+        c.request(SET_VRING_BASE, &vring_state(0, 0), &[]),
+        Outcome::Accepted
+    );
+    let (kick, call) = (eventfd(), eventfd());
+    assert_eq!(
+        c.request(SET_VRING_CALL, &0u64.to_le_bytes(), &[call.as_raw_fd()]),
+        Outcome::Accepted
+    );
+    assert_eq!(
+        c.request(SET_VRING_KICK, &0u64.to_le_bytes(), &[kick.as_raw_fd()]),
+        Outcome::Accepted
+    );
+    assert_eq!(
+        c.request(SET_VRING_ENABLE, &vring_state(0, 1), &[]),
+        Outcome::Accepted
+    );
+    take_dirty_pages(&log);
+
+    // Request n: header in page 4, data (4 KiB, device-writable) at `data`,
+    // status byte in page 5; descriptors 3n..3n+2.
+    let read = |c: &mut Conn, n: u16, data: u64| {
+        let _ = c;
+        let mut hdr = 0u32.to_le_bytes().to_vec(); // VIRTIO_BLK_T_IN
+        hdr.extend(0u32.to_le_bytes());
+        hdr.extend(u64::from(n).to_le_bytes());
+        put(0x4000, &hdr);
+        let d = |addr: u64, len: u32, flags: u16, next: u16| {
+            let mut v = addr.to_le_bytes().to_vec();
+            v.extend(len.to_le_bytes());
+            v.extend(flags.to_le_bytes());
+            v.extend(next.to_le_bytes());
+            v
+        };
+        let first = 3 * n;
+        put(desc + 16 * u64::from(first), &d(0x4000, 16, 1, first + 1));
+        put(
+            desc + 16 * u64::from(first + 1),
+            &d(data, 4096, 1 | 2, first + 2),
+        );
+        put(
+            desc + 16 * u64::from(first + 2),
+            &d(0x5000 + u64::from(n), 1, 2, 0),
+        );
+        put(avail + 4 + 2 * u64::from(n), &first.to_le_bytes());
+        put(avail + 2, &(n + 1).to_le_bytes());
+        // SAFETY: write(2) of 8 bytes from a live buffer to our eventfd.
+        unsafe { libc::write(kick.as_raw_fd(), 1u64.to_le_bytes().as_ptr().cast(), 8) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while get_u16(used + 2) != n + 1 {
+            assert!(
+                Instant::now() < deadline,
+                "request {n} not completed:\n{}",
+                b.log()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    // Logging: data page 0x103 (in the region added after SET_LOG_BASE), the
+    // status byte's page 5, the used ring's page 2; not the header's page 4.
+    read(&mut c, 0, MEM + 0x3000);
+    assert_eq!(take_dirty_pages(&log), vec![2, 5, 0x103], "{}", b.log());
+
+    // LOG_ALL off (migration cancelled): nothing is logged any more.
+    assert_eq!(
+        c.request(SET_FEATURES, &base.to_le_bytes(), &[]),
+        Outcome::Accepted
+    );
+    read(&mut c, 1, MEM + 0x5000);
+    assert_eq!(take_dirty_pages(&log), Vec::<u64>::new(), "{}", b.log());
+    assert!(
+        b.log().contains("dirty page logging stopped"),
+        "{}",
+        b.log()
+    );
+    // SAFETY: unmapping our own mapping; nothing uses it any more.
+    unsafe { libc::munmap(guest.cast(), 2 * MEM as usize) };
 }
