@@ -15,10 +15,12 @@
 //!   QEMU refuses the `migrate` command ("Migration disabled: vhost lacks
 //!   VHOST_F_LOG_ALL feature"), which fails the test at the migrate step;
 //!   (2) with the features offered but the data pages not marked (the
-//!   worker's `log_data_in` made a no-op, a local experiment, not a switch in
-//!   the code) the destination's fio reported crc32c verify failures in the
-//!   loop that ran across the switch-over: the blocks read on the source
-//!   after their buffer pages had been copied arrive as stale bytes.
+//!   worker's `log_data_in` made a no-op: a local experiment, not a switch
+//!   in the code) the destination guest broke in every run where reads were
+//!   in flight at the switch-over (kernel oops, list corruption, virtio_blk
+//!   "id N is not a head!"), so the test failed; with the marking it passes.
+//!   The tgtd freeze at the switch-over makes such reads certain: the
+//!   backend then logs "stopped the ring with 16 requests in flight".
 //!
 //!   Libvirt cannot do this on one host (it refuses to migrate to the same
 //!   host), so the test drives two QEMU processes over QMP itself.
