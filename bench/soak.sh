@@ -67,6 +67,7 @@ start_tgtd() {
 }
 
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+anon_kib() { awk '/^Anonymous/ {print $2}' "/proc/$1/smaps_rollup"; }
 
 truncate -s "$SIZE" "$IMG"
 start_tgtd
@@ -111,7 +112,7 @@ r=json.load(open(sys.argv[1]))
 v=r.get("verify") or {}
 print(r["ios"], r["errors"] + v.get("readback_errors",0) + v.get("precondition_errors",0), v.get("mismatches",0))' "$WORK/round.json" 2>/dev/null || echo "0 1 0")
   ROUNDS=$((ROUNDS + 1)) IOS=$((IOS + ios)) ERRORS=$((ERRORS + errs)) MISMATCHES=$((MISMATCHES + mism))
-  echo "round $ROUNDS: ${R}s, $ios I/Os, $errs errors, $mism mismatches$([ $KILLED = 1 ] && echo ', tgtd killed and restarted')"
+  echo "round $ROUNDS: ${R}s, $ios I/Os, $errs errors, $mism mismatches$([ $KILLED = 1 ] && echo ', tgtd killed and restarted'), RSS $(rss_kib "$VHOST_PID") KiB, anon $(anon_kib "$VHOST_PID") KiB, threads $(awk '/^Threads/ {print $2}' /proc/$VHOST_PID/status)"
 done
 RSS_END=$(rss_kib "$VHOST_PID")
 RECOVERIES=$(grep -c "reconnected to" "$WORK/vhost-iser.log" || true)

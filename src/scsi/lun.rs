@@ -163,6 +163,8 @@ pub struct ScsiLun {
     first: Mutex<Option<Session>>,
     timeouts: SessionTimeouts,
     capacity: Arc<CapacityWatch>,
+    /// Counts the queues' successful re-logins (see [`LunQueue::maybe_reconnect`]).
+    relogins: Arc<AtomicU64>,
 }
 
 impl ScsiLun {
@@ -268,6 +270,7 @@ impl ScsiLun {
             timeouts,
             capacity: Arc::new(CapacityWatch::new(info.capacity_sectors)),
             info: Arc::new(info),
+            relogins: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -345,6 +348,7 @@ impl Target for ScsiLun {
             self.factory.clone(),
             self.info.clone(),
             self.capacity.clone(),
+            self.relogins.clone(),
         )?))
     }
 
@@ -413,6 +417,13 @@ pub struct LunQueue {
     wakes_expected: u64,
     /// Rate limit of the per-request failure lines.
     failure_log: LogLimiter,
+    /// Successful re-logins of all queues of the device: when another queue
+    /// got back in, the target is reachable again and a queue waiting out its
+    /// reconnect backoff tries at once instead of up to
+    /// [`RECONNECT_MAX_INTERVAL`] later.
+    relogins: Arc<AtomicU64>,
+    /// `relogins` when this queue last tried.
+    relogins_seen: u64,
 }
 
 /// Path management of one queue: failover is the reconnect (other portals
@@ -497,6 +508,7 @@ impl LunQueue {
         factory: Arc<dyn SessionFactory>,
         info: Arc<LunInfo>,
         capacity: Arc<CapacityWatch>,
+        relogins: Arc<AtomicU64>,
     ) -> Result<Self, TargetError> {
         let setup = |e: std::io::Error| TargetError::Setup {
             context: format!("queue {index}: cannot create its epoll"),
@@ -572,6 +584,8 @@ impl LunQueue {
             wake,
             wakes_expected: 0,
             failure_log: LogLimiter::new(),
+            relogins_seen: relogins.load(Ordering::Relaxed),
+            relogins,
         })
     }
 
@@ -1018,12 +1032,20 @@ impl LunQueue {
                 }
             },
             None => {
+                let relogins = self.relogins.load(Ordering::Relaxed);
                 if self
                     .last_reconnect
                     .is_some_and(|t| t.elapsed() < self.reconnect_backoff)
                 {
-                    return;
+                    if relogins == self.relogins_seen {
+                        return;
+                    }
+                    info!(
+                        "queue {}: another queue logged in again; retrying now",
+                        self.index
+                    );
                 }
+                self.relogins_seen = relogins;
                 self.last_reconnect = Some(Instant::now());
                 // Log in on a helper thread: a login can take up to the login
                 // timeout, and the queue must keep running its timers meanwhile.
@@ -1051,6 +1073,7 @@ impl LunQueue {
         };
         match attempt {
             Ok(mut s) => {
+                self.relogins_seen = self.relogins.fetch_add(1, Ordering::Relaxed) + 1;
                 s.set_timeouts(self.session.timeouts());
                 // Failures the old session already decided, then its survivors.
                 self.session.poll(&mut self.results);
