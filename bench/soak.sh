@@ -111,6 +111,7 @@ import json,sys
 r=json.load(open(sys.argv[1]))
 v=r.get("verify") or {}
 print(r["ios"], r["errors"] + v.get("readback_errors",0) + v.get("precondition_errors",0), v.get("mismatches",0))' "$WORK/round.json" 2>/dev/null || echo "0 1 0")
+  [ -n "${SOAK_SMAPS:-}" ] && cp "/proc/$VHOST_PID/smaps" "$WORK/smaps.$((ROUNDS + 1))"
   ROUNDS=$((ROUNDS + 1)) IOS=$((IOS + ios)) ERRORS=$((ERRORS + errs)) MISMATCHES=$((MISMATCHES + mism))
   echo "round $ROUNDS: ${R}s, $ios I/Os, $errs errors, $mism mismatches$([ $KILLED = 1 ] && echo ', tgtd killed and restarted'), RSS $(rss_kib "$VHOST_PID") KiB, anon $(anon_kib "$VHOST_PID") KiB, threads $(awk '/^Threads/ {print $2}' /proc/$VHOST_PID/status)"
 done

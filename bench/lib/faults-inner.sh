@@ -22,7 +22,9 @@
 #                  -> LUN RESET -> connection dropped
 # Outputs in FAULTS_OUT: KIND.lg.json (loadgen report with timeline), KIND.vi.log (backend log),
 # KIND.inj.jsonl (one line per injection: start/end wall-clock times), KIND.tgtd.log, env.txt.
-# bench/lib/faults_report.py turns them into the table.
+# bench/lib/faults_report.py turns them into the table. Knobs (env): FAULTS_PLAN, FAULTS_HOLD (s
+# each fault lasts, default 3), FAULTS_GAP (s of normal I/O before each fault and after the last,
+# default 3), FAULTS_QUEUES (2), FAULTS_IODEPTH (8), FAULTS_SIZE_MB (LUN and range, 8).
 # Exit: 0 = every job ran (the report decides pass/fail); 1 = setup failed or a job did not run.
 set -uo pipefail
 die() { echo "faults-inner: error: $*" >&2; exit 1; }
@@ -32,7 +34,7 @@ OUT=${FAULTS_OUT:?FAULTS_OUT}
 VI=${FAULTS_VI:?FAULTS_VI}
 LG=${FAULTS_LG:?FAULTS_LG}
 PLAN=${FAULTS_PLAN:-"loss5:1 loss20:1 delay:1 reorder:1 dup:1 link:1 kill:1 stop:1 ladder:1"}
-HOLD=${FAULTS_HOLD:-4}
+HOLD=${FAULTS_HOLD:-3}
 GAP=${FAULTS_GAP:-3}
 QUEUES=${FAULTS_QUEUES:-2}
 IODEPTH=${FAULTS_IODEPTH:-8}
@@ -107,8 +109,8 @@ now() { date +%s.%N; }
 # Backend timers per kind: short, so every recovery happens within seconds.
 timeouts_for() {
   case "$1" in
-    ladder) echo "nop=60,nop_timeout=60,command=1,tmf=1,replacement=30" ;;
-    *) echo "nop=1,nop_timeout=2,command=5,tmf=2,replacement=30" ;;
+    ladder) echo "nop=60,nop_timeout=60,command=1,tmf=0.5,replacement=30" ;;
+    *) echo "nop=1,nop_timeout=1,command=5,tmf=2,replacement=30" ;;
   esac
 }
 
@@ -148,11 +150,12 @@ for item in $PLAN; do
   VI_PID=$!
   for _ in $(seq 1 300); do [ -S "$sock" ] && break; sleep 0.05; done
   [ -S "$sock" ] || { cat "$OUT/$KIND.vi.log" >&2; die "vhost-iser did not start"; }
-  # Generous runtime: the schedule plus a restart's worth of slack per injection.
-  runtime=$((GAP + COUNT * (HOLD + GAP + 3) + 2))
-  log "$KIND: $COUNT injection(s), loadgen ${runtime}s"
+  # The job runs until the stop file appears (GAP s after the last fault); --runtime is a bound.
+  rm -f "$OUT/$KIND.stop"
+  log "$KIND: $COUNT injection(s)"
   "$LG" --socket "$sock" --queues "$QUEUES" --iodepth "$IODEPTH" --rw randrw --bs 4k \
-    --size "${SIZE_MB}m" --runtime "$runtime" --verify --timeline --ready-file "$OUT/$KIND.ready" \
+    --size "${SIZE_MB}m" --runtime 900 --stop-file "$OUT/$KIND.stop" \
+    --verify --timeline --ready-file "$OUT/$KIND.ready" \
     --check-file "$IMG" --json >"$OUT/$KIND.lg.json" 2>"$OUT/$KIND.lg.err" &
   lg=$!
   for _ in $(seq 1 1200); do [ -e "$OUT/$KIND.ready" ] && break; kill -0 $lg 2>/dev/null || break; sleep 0.05; done
@@ -169,8 +172,11 @@ for item in $PLAN; do
         "$KIND" "$i" "$t0" "$t1" "$t2" "$end" "$t3" "$HOLD" >>"$OUT/$KIND.inj.jsonl"
       log "$KIND #$i: fault from $t0 to $end"
     done
+    sleep "$GAP"
+    touch "$OUT/$KIND.stop"
   else
     log "$KIND: the loadgen main phase never started"; failed=1
+    kill $lg 2>/dev/null
   fi
   wait $lg; rc=$?
   log "$KIND: loadgen exit $rc"

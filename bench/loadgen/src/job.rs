@@ -104,7 +104,12 @@ pub struct Phase {
     /// Count completions per [`TIMELINE_BUCKET`] since this instant (fault-injection runs
     /// measure recovery times from it).
     pub timeline: Option<Instant>,
+    /// Stop issuing once this file exists (checked every [`STOP_FILE_POLL`]).
+    pub stop_file: Option<std::path::PathBuf>,
 }
+
+/// How often a queue thread looks for [`Phase::stop_file`].
+const STOP_FILE_POLL: Duration = Duration::from_millis(50);
 
 /// A virtqueue together with the I/O buffers the client registered for it.
 pub struct QueueCtx {
@@ -420,12 +425,14 @@ fn drive(
         Stop::Runtime(d) => Some(t0 + d),
         _ => None,
     };
-    let may_issue = |issued: u64, now: Instant| -> bool {
-        quota.is_none_or(|q| issued < q) && deadline.is_none_or(|d| now < d)
+    let mut stopped = false;
+    let mut next_stop_check = t0;
+    let may_issue = |issued: u64, now: Instant, stopped: bool| -> bool {
+        !stopped && quota.is_none_or(|q| issued < q) && deadline.is_none_or(|d| now < d)
     };
 
     for slot in 0..depth {
-        if !may_issue(issued, t0) {
+        if !may_issue(issued, t0, false) {
             break;
         }
         submit(ctx, phase, &mut gen, &mut slots, slot);
@@ -443,6 +450,12 @@ fn drive(
                 source,
             })?;
         let now = Instant::now();
+        if let Some(f) = phase.stop_file.as_deref() {
+            if now >= next_stop_check {
+                next_stop_check = now + STOP_FILE_POLL;
+                stopped = stopped || f.exists();
+            }
+        }
         for c in completions.iter().take(n) {
             // SAFETY: do_io() initialised the first `n` elements.
             let c = unsafe { c.assume_init_read() };
@@ -481,7 +494,7 @@ fn drive(
                     verify_read(ctx, &mut res, v, bs, id, slot.block);
                 }
             }
-            if may_issue(issued, now) {
+            if may_issue(issued, now, stopped) {
                 submit(ctx, phase, &mut gen, &mut slots, id);
                 issued += 1;
                 inflight += 1;

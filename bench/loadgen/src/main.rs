@@ -84,6 +84,9 @@ struct Args {
     /// script can start injecting faults then.
     #[arg(long, value_name = "PATH")]
     ready_file: Option<std::path::PathBuf>,
+    /// End the main phase (like --runtime) once this file exists; looked for every 50 ms.
+    #[arg(long, value_name = "PATH")]
+    stop_file: Option<std::path::PathBuf>,
     /// With --verify: after the read-back, also check the target's backing file itself (PATH,
     /// readable by this process, offset 0 = device offset 0) block by block against what the
     /// client wrote.
@@ -417,6 +420,7 @@ fn run() -> Result<bool> {
         verify: None,
         rng_seed: seed,
         timeline: None,
+        stop_file: None,
     };
 
     let mut verify_report = None;
@@ -462,6 +466,7 @@ fn run() -> Result<bool> {
             }),
         }),
         timeline: a.timeline.then(std::time::Instant::now),
+        stop_file: a.stop_file.clone(),
         ..base.clone()
     };
     let start_unix = std::time::SystemTime::now()
