@@ -138,7 +138,7 @@ def analyse_kind(out, kind):
             run = run + 1 if ok[b] == 0 else 0
             stall = max(stall, run)
         hold = max(1e-3, x["removing"] - x["applied"])
-        gap = float(os.environ.get("FAULTS_GAP", "3"))
+        gap = float(os.environ.get("FAULTS_GAP", "3"))  # s of normal I/O before each fault
         upto = end + (rec or 0) + 1.0
         counts = {k: 0 for k in EVENTS}
         for t, name, _ in events:

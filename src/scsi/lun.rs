@@ -424,6 +424,63 @@ pub struct LunQueue {
     relogins: Arc<AtomicU64>,
     /// `relogins` when this queue last tried.
     relogins_seen: u64,
+    /// The thread that logs in again after a lost connection.
+    login_helper: Helper,
+    /// The thread that probes the preferred portal.
+    probe_helper: Helper,
+}
+
+/// Which of a queue's helper threads runs a job.
+#[derive(Clone, Copy)]
+enum HelperKind {
+    Login,
+    Probe,
+}
+
+impl HelperKind {
+    fn name(self) -> &'static str {
+        match self {
+            HelperKind::Login => "login",
+            HelperKind::Probe => "probe",
+        }
+    }
+}
+
+/// A job for a helper thread.
+type HelperJob = Box<dyn FnOnce() + Send>;
+
+/// A long-lived helper thread of one queue, started on first use; it ends
+/// when the queue is dropped (its channel closes). Long-lived on purpose: a
+/// session is allocated by the thread that logs it in, and with a new thread
+/// per login every reconnect allocated from another glibc malloc arena, so
+/// the process grew by ~50 KiB per reconnect (bench/soak.sh) although
+/// nothing leaked. One thread per queue keeps each queue's sessions in one
+/// arena, where the freed session's memory is reused by the next.
+#[derive(Default)]
+struct Helper {
+    jobs: Option<std::sync::mpsc::Sender<HelperJob>>,
+}
+
+impl Helper {
+    fn run(&mut self, name: String, job: HelperJob) -> std::io::Result<()> {
+        let job = match self.jobs.as_ref() {
+            Some(tx) => match tx.send(job) {
+                Ok(()) => return Ok(()),
+                // The thread is gone (it never panics, but be safe): a new one.
+                Err(std::sync::mpsc::SendError(job)) => job,
+            },
+            None => job,
+        };
+        let (tx, rx) = std::sync::mpsc::channel::<HelperJob>();
+        std::thread::Builder::new().name(name).spawn(move || {
+            for job in rx {
+                job();
+            }
+        })?;
+        let _ = tx.send(job);
+        self.jobs = Some(tx);
+        Ok(())
+    }
 }
 
 /// Path management of one queue: failover is the reconnect (other portals
@@ -594,26 +651,37 @@ impl LunQueue {
             failure_log: LogLimiter::new(),
             relogins_seen: relogins.load(Ordering::Relaxed),
             relogins,
+            login_helper: Helper::default(),
+            probe_helper: Helper::default(),
         })
     }
 
-    /// Runs `job` on a helper thread named `name`; its result comes back
-    /// through the returned channel, and the queue's epoll wakes up for it.
+    /// Runs `job` on this queue's helper thread `which` (started on first
+    /// use, kept for the next job); its result comes back through the
+    /// returned channel, and the queue's epoll wakes up for it.
     fn spawn_helper<T: Send + 'static>(
         &mut self,
-        name: String,
+        which: HelperKind,
         job: impl FnOnce() -> T + Send + 'static,
     ) -> std::io::Result<std::sync::mpsc::Receiver<T>> {
         let (tx, rx) = std::sync::mpsc::channel();
         // Without a wake-up the result is still taken, at the next tick.
         let wake = self.wake.try_clone().ok();
         let expect = wake.is_some();
-        std::thread::Builder::new().name(name).spawn(move || {
-            let _ = tx.send(job());
-            if let Some(w) = wake {
-                let _ = w.write(1);
-            }
-        })?;
+        let name = format!("{}-q{}", which.name(), self.index);
+        let helper = match which {
+            HelperKind::Login => &mut self.login_helper,
+            HelperKind::Probe => &mut self.probe_helper,
+        };
+        helper.run(
+            name,
+            Box::new(move || {
+                let _ = tx.send(job());
+                if let Some(w) = wake {
+                    let _ = w.write(1);
+                }
+            }),
+        )?;
         if expect {
             self.wakes_expected += 1;
         }
@@ -1088,7 +1156,7 @@ impl LunQueue {
                     Some(p) => p,
                     None => self.session.portal().to_string(),
                 };
-                let spawned = self.spawn_helper(format!("login-q{index}"), move || {
+                let spawned = self.spawn_helper(HelperKind::Login, move || {
                     if failing_back {
                         factory.open_preferred(index)
                     } else {
@@ -1264,9 +1332,7 @@ impl LunQueue {
         }
         self.path.last_probe = Some(Instant::now());
         let factory = self.factory.clone();
-        let spawned = self.spawn_helper(format!("probe-q{}", self.index), move || {
-            factory.probe(&preferred)
-        });
+        let spawned = self.spawn_helper(HelperKind::Probe, move || factory.probe(&preferred));
         match spawned {
             Ok(rx) => self.path.probe = Some(rx),
             Err(e) => warn!("queue {}: cannot start a path probe: {e}", self.index),
