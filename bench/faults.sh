@@ -11,7 +11,9 @@
 #   bench/faults.sh [--count 5] [--hold 3] [--gap 3] [--plan "kind:n ..."] [--no-build]
 #                   [--out-prefix bench/results/faults]
 #
-# Writes PREFIX.md, PREFIX.json and the raw outputs in PREFIX.raw/; prints the table.
+# Writes PREFIX.md, PREFIX.json (per kind and per injection) and PREFIX.logs.tar.gz (backend and
+# tgtd logs, injection times, VM console); the raw outputs (loadgen reports with their 10 ms
+# timelines, ~2 MB) stay in a temporary directory named on stderr. Prints the table.
 # Exit: 0 = every kind ran with 0 client errors and 0 mismatches, 1 = a check failed,
 # 2 = usage/setup error.
 set -euo pipefail
@@ -44,9 +46,8 @@ fi
 vi=$target_dir/release/vhost-iser lg=$target_dir/release/vhost-iser-loadgen
 [ -x "$vi" ] && [ -x "$lg" ] || die "$vi or $lg missing (build or drop --no-build)"
 
-raw=$out_prefix.raw
-rm -rf "$raw"; mkdir -p "$raw"
-raw=$(cd "$raw" && pwd -P)
+raw=$(mktemp -d /tmp/vhost-iser-faults.XXXXXX)
+echo "faults.sh: raw outputs in $raw" >&2
 export FAULTS_OUT=$raw FAULTS_VI=$vi FAULTS_LG=$lg FAULTS_PLAN=$plan FAULTS_HOLD=$hold FAULTS_GAP=$gap
 start=$(date -u +%FT%TZ)
 t0=$(date +%s)
@@ -60,6 +61,7 @@ title="Fault injection: $(git -C "$repo" rev-parse --short HEAD), $start, VM wal
 python3 "$here/lib/faults_report.py" "$raw" --json "$out_prefix.json" --md "$out_prefix.md" --title "$title" \
   | tee "$raw/summary.txt"
 cat "$out_prefix.md"
+tar -C "$raw" -czf "$out_prefix.logs.tar.gz" --exclude='*.lg.json' . || rc=1
 # Pass: every kind ran, 0 client errors, 0 mismatches in reads and in the backing file.
 python3 - "$out_prefix.json" <<'EOF' || rc=1
 import json, sys
