@@ -1529,3 +1529,32 @@ pub fn open_error(what: String, e: SessionError) -> TargetError {
         source: Box::new(e),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn helper_runs_every_job_on_one_long_lived_thread() {
+        let mut h = Helper::default();
+        let (tx, rx) = std::sync::mpsc::channel();
+        for i in 0..3 {
+            let tx = tx.clone();
+            h.run(
+                "login-q7".into(),
+                Box::new(move || {
+                    let t = std::thread::current();
+                    let _ = tx.send((i, t.id(), t.name().map(str::to_string)));
+                }),
+            )
+            .unwrap();
+        }
+        let got: Vec<_> = (0..3)
+            .map(|_| rx.recv_timeout(Duration::from_secs(5)).unwrap())
+            .collect();
+        assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), [0, 1, 2]);
+        assert!(got.iter().all(|g| g.1 == got[0].1), "jobs ran on several threads");
+        assert_ne!(got[0].1, std::thread::current().id());
+        assert_eq!(got[0].2.as_deref(), Some("login-q7"));
+    }
+}
