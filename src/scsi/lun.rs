@@ -1553,7 +1553,10 @@ mod tests {
             .map(|_| rx.recv_timeout(Duration::from_secs(5)).unwrap())
             .collect();
         assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), [0, 1, 2]);
-        assert!(got.iter().all(|g| g.1 == got[0].1), "jobs ran on several threads");
+        assert!(
+            got.iter().all(|g| g.1 == got[0].1),
+            "jobs ran on several threads"
+        );
         assert_ne!(got[0].1, std::thread::current().id());
         assert_eq!(got[0].2.as_deref(), Some("login-q7"));
     }
