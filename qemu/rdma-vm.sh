@@ -10,7 +10,8 @@
 #   -v, --verbose   kernel messages on the console, print the qemu command
 # Inside: veth0 10.99.0.1/24 <-> veth1 10.99.0.2/24, rdma devices rxe0 (veth0), rxe1 (veth1);
 # connect to 10.99.0.1 without binding a source (both ends then use rxe0).
-# `modprobe` works (the guest kernel's modules are at /lib/modules); configfs is mounted.
+# `modprobe` works (the guest kernel's modules are at /lib/modules); configfs is mounted; sch_netem
+# is loaded (tc netem: bench/faults.sh).
 # Start iSER targets with:  eval "$(qemu/rdma/start-targets.sh all)"
 # Exit: the command's status; 124 timeout; 125 harness/VM setup error; 2 usage error.
 set -euo pipefail
@@ -29,7 +30,7 @@ while [ $# -gt 0 ]; do
     --rw) need "$@"; [ -d "$2" ] || vm_usage_die "--rw $2: not a directory"; VM_RW+=("$(cd "$2" && pwd -P)"); shift 2 ;;
     --qemu-arg) need "$@"; VM_QEMU+=("$2"); shift 2 ;;
     -v|--verbose) VM_VERBOSE=1; shift ;;
-    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     --) shift; break ;;
     *) vm_usage_die "unknown option '$1' (put -- before the command)" ;;
   esac
@@ -41,7 +42,7 @@ command -v rdma >/dev/null || vm_die "'rdma' (iproute2) missing on the host: run
 
 # crc32_generic: without it `rdma link add` only says "failed to add".
 VM_PRELUDE='
-for m in crc32_generic crc32c_generic configfs veth ib_uverbs rdma_ucm rdma_rxe; do
+for m in crc32_generic crc32c_generic configfs veth ib_uverbs rdma_ucm rdma_rxe sch_netem; do
   modprobe $m || vm_setup_fail "modprobe $m"
 done
 mountpoint -q /sys/kernel/config || mount -t configfs none /sys/kernel/config

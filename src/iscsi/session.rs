@@ -548,7 +548,10 @@ impl Session {
 
     /// Accepts a command; it goes out at the next [`poll`](Self::poll).
     /// On a lost session it waits for the replacement (up to the
-    /// replacement timeout), then fails.
+    /// replacement timeout), then fails. Nothing here bounds the commands
+    /// kept meanwhile: the caller does (the block layer submits only
+    /// commands of guest requests still in the virtqueue, at most
+    /// queue-size of them; see `LunQueue::send_child` in src/scsi/lun.rs).
     pub fn submit(&mut self, req: ScsiCommandReq) {
         if let Some(e) = &self.failed {
             let waiting = !self.gave_up

@@ -170,7 +170,8 @@ impl TcpConnection {
                             trailer_got: 0,
                             drained: false,
                         },
-                        discard: vec![0u8; DISCARD_CHUNK].into_boxed_slice(),
+                        // Allocated on first use: most connections never discard data.
+                        discard: Box::default(),
                     });
                 }
                 Err(e) => last = e,
@@ -447,10 +448,15 @@ impl TcpConnection {
                         iov_base: unsafe { v.as_mut_ptr().add(r.data_got) }.cast(),
                         iov_len: data_left,
                     }),
-                    DataDest::Discard => iov.push(iovec {
-                        iov_base: self.discard.as_mut_ptr().cast(),
-                        iov_len: data_left.min(self.discard.len()),
-                    }),
+                    DataDest::Discard => {
+                        if self.discard.is_empty() {
+                            self.discard = vec![0u8; DISCARD_CHUNK].into_boxed_slice();
+                        }
+                        iov.push(iovec {
+                            iov_base: self.discard.as_mut_ptr().cast(),
+                            iov_len: data_left.min(self.discard.len()),
+                        })
+                    }
                 }
             }
             if r.trailer_got < r.trailer_len {

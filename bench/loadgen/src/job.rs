@@ -13,6 +13,12 @@ const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How many mismatches each thread keeps in detail (all are counted).
 const MAX_MISMATCH_DETAILS: usize = 8;
 
+/// Width of one timeline bucket.
+pub const TIMELINE_BUCKET: Duration = Duration::from_millis(10);
+
+/// Longest timeline kept (later completions are not bucketed): 24 h of 10 ms buckets.
+const TIMELINE_MAX_BUCKETS: usize = 24 * 3600 * 100;
+
 /// Access pattern, as in fio.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -95,7 +101,15 @@ pub struct Phase {
     pub verify: Option<Verify>,
     /// Base of the random seeds; each queue derives its own stream from it.
     pub rng_seed: u64,
+    /// Count completions per [`TIMELINE_BUCKET`] since this instant (fault-injection runs
+    /// measure recovery times from it).
+    pub timeline: Option<Instant>,
+    /// Stop issuing once this file exists (checked every [`STOP_FILE_POLL`]).
+    pub stop_file: Option<std::path::PathBuf>,
 }
+
+/// How often a queue thread looks for [`Phase::stop_file`].
+const STOP_FILE_POLL: Duration = Duration::from_millis(50);
 
 /// A virtqueue together with the I/O buffers the client registered for it.
 pub struct QueueCtx {
@@ -145,6 +159,12 @@ pub struct QueueResult {
     pub mismatch_details: Vec<Mismatch>,
     /// Bitmap of blocks written successfully (only tracked when verifying).
     pub written: Vec<u64>,
+    /// Successful completions per timeline bucket (only with [`Phase::timeline`]).
+    pub timeline_ok: Vec<u32>,
+    /// Failed completions per timeline bucket.
+    pub timeline_err: Vec<u32>,
+    /// Successful completions per timeline bucket of each queue thread (in queue order).
+    pub timeline_queues: Vec<Vec<u32>>,
 }
 
 impl QueueResult {
@@ -161,7 +181,28 @@ impl QueueResult {
             mismatches: 0,
             mismatch_details: Vec::new(),
             written: vec![0; bitmap_words],
+            timeline_ok: Vec::new(),
+            timeline_err: Vec::new(),
+            timeline_queues: Vec::new(),
         })
+    }
+
+    /// Counts one completion at `now` in the timeline that starts at `origin`.
+    fn tick(&mut self, origin: Instant, now: Instant, ok: bool) {
+        let b = now.saturating_duration_since(origin).as_nanos() / TIMELINE_BUCKET.as_nanos();
+        let Ok(b) = usize::try_from(b) else { return };
+        if b >= TIMELINE_MAX_BUCKETS {
+            return;
+        }
+        let line = if ok {
+            &mut self.timeline_ok
+        } else {
+            &mut self.timeline_err
+        };
+        if line.len() <= b {
+            line.resize(b + 1, 0);
+        }
+        line[b] = line[b].saturating_add(1);
     }
 
     /// Adds `other` into `self`; the elapsed time is the longer of the two.
@@ -188,6 +229,19 @@ impl QueueResult {
         for (a, b) in self.written.iter_mut().zip(other.written.iter()) {
             *a |= *b;
         }
+        add_counts(&mut self.timeline_ok, &other.timeline_ok);
+        add_counts(&mut self.timeline_err, &other.timeline_err);
+        self.timeline_queues.extend(other.timeline_queues);
+    }
+}
+
+/// Adds `b` into `a` element by element (growing `a`).
+fn add_counts(a: &mut Vec<u32>, b: &[u32]) {
+    if a.len() < b.len() {
+        a.resize(b.len(), 0);
+    }
+    for (x, y) in a.iter_mut().zip(b) {
+        *x = x.saturating_add(*y);
     }
 }
 
@@ -371,12 +425,14 @@ fn drive(
         Stop::Runtime(d) => Some(t0 + d),
         _ => None,
     };
-    let may_issue = |issued: u64, now: Instant| -> bool {
-        quota.is_none_or(|q| issued < q) && deadline.is_none_or(|d| now < d)
+    let mut stopped = false;
+    let mut next_stop_check = t0;
+    let may_issue = |issued: u64, now: Instant, stopped: bool| -> bool {
+        !stopped && quota.is_none_or(|q| issued < q) && deadline.is_none_or(|d| now < d)
     };
 
     for slot in 0..depth {
-        if !may_issue(issued, t0) {
+        if !may_issue(issued, t0, false) {
             break;
         }
         submit(ctx, phase, &mut gen, &mut slots, slot);
@@ -394,6 +450,12 @@ fn drive(
                 source,
             })?;
         let now = Instant::now();
+        if let Some(f) = phase.stop_file.as_deref() {
+            if now >= next_stop_check {
+                next_stop_check = now + STOP_FILE_POLL;
+                stopped = stopped || f.exists();
+            }
+        }
         for c in completions.iter().take(n) {
             // SAFETY: do_io() initialised the first `n` elements.
             let c = unsafe { c.assume_init_read() };
@@ -409,6 +471,9 @@ fn drive(
                 res.writes += 1;
             } else {
                 res.reads += 1;
+            }
+            if let Some(origin) = phase.timeline {
+                res.tick(origin, now, c.ret == 0);
             }
             if c.ret != 0 {
                 res.errors += 1;
@@ -429,7 +494,7 @@ fn drive(
                     verify_read(ctx, &mut res, v, bs, id, slot.block);
                 }
             }
-            if may_issue(issued, now) {
+            if may_issue(issued, now, stopped) {
                 submit(ctx, phase, &mut gen, &mut slots, id);
                 issued += 1;
                 inflight += 1;
@@ -437,6 +502,9 @@ fn drive(
         }
     }
     res.elapsed = t0.elapsed();
+    if phase.timeline.is_some() {
+        res.timeline_queues = vec![res.timeline_ok.clone()];
+    }
     Ok(res)
 }
 
@@ -566,6 +634,21 @@ mod tests {
         }
         assert_eq!(ios_share(10, 0, 3), 4);
         assert_eq!(ios_share(10, 2, 3), 3);
+    }
+
+    #[test]
+    fn timeline_buckets_and_merge() {
+        let t0 = Instant::now();
+        let mut a = QueueResult::new(0).unwrap();
+        a.tick(t0, t0 + Duration::from_millis(25), true);
+        a.tick(t0, t0 + Duration::from_millis(26), true);
+        a.tick(t0, t0 + Duration::from_millis(5), false);
+        assert_eq!(a.timeline_ok, [0, 0, 2]);
+        assert_eq!(a.timeline_err, [1]);
+        let mut b = QueueResult::new(0).unwrap();
+        b.tick(t0, t0 + Duration::from_millis(41), true);
+        a.merge(b);
+        assert_eq!(a.timeline_ok, [0, 0, 2, 0, 1]);
     }
 
     #[test]

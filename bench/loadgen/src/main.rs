@@ -75,6 +75,23 @@ struct Args {
     /// (used to demonstrate that accounting; see README).
     #[arg(long)]
     no_prefault: bool,
+    /// Count the main phase's completions per 10 ms and put that timeline in the report
+    /// (`timeline`: wall-clock start, successes and failures per bucket). Fault-injection runs
+    /// (bench/faults.sh) measure recovery times from it.
+    #[arg(long)]
+    timeline: bool,
+    /// Create this file when the main phase starts (after the --verify precondition pass), so a
+    /// script can start injecting faults then.
+    #[arg(long, value_name = "PATH")]
+    ready_file: Option<std::path::PathBuf>,
+    /// End the main phase (like --runtime) once this file exists; looked for every 50 ms.
+    #[arg(long, value_name = "PATH")]
+    stop_file: Option<std::path::PathBuf>,
+    /// With --verify: after the read-back, also check the target's backing file itself (PATH,
+    /// readable by this process, offset 0 = device offset 0) block by block against what the
+    /// client wrote.
+    #[arg(long, value_name = "PATH", requires = "verify")]
+    check_file: Option<std::path::PathBuf>,
 }
 
 /// Parses "4096", "4k", "1M", "2g" (powers of 1024).
@@ -181,6 +198,22 @@ struct Report {
     lat_us: stats::LatencySummary,
     client_cpu_s: f64,
     verify: Option<VerifyReport>,
+    timeline: Option<Timeline>,
+}
+
+/// Completions of the main phase per time bucket.
+#[derive(serde::Serialize)]
+struct Timeline {
+    /// Wall-clock time (Unix seconds) of bucket 0's start.
+    start_unix: f64,
+    /// Bucket width in milliseconds.
+    bucket_ms: u64,
+    /// Successful completions per bucket.
+    ok: Vec<u32>,
+    /// Failed completions per bucket.
+    err: Vec<u32>,
+    /// Successful completions per bucket of each queue.
+    ok_by_queue: Vec<Vec<u32>>,
 }
 
 #[derive(serde::Serialize)]
@@ -194,6 +227,58 @@ struct VerifyReport {
     reads_checked: u64,
     mismatches: u64,
     first_mismatches: Vec<job::Mismatch>,
+    /// The backing file check (--check-file).
+    file: Option<FileCheck>,
+}
+
+/// What the target's backing file held, block by block.
+#[derive(serde::Serialize)]
+struct FileCheck {
+    path: String,
+    blocks_checked: u64,
+    mismatches: u64,
+    first_mismatches: Vec<job::Mismatch>,
+}
+
+/// Checks `nblocks` blocks of `bs` bytes of `path` against the pattern expected after the run:
+/// `new` where the bitmap says a write completed, `old` elsewhere.
+fn check_file(
+    path: &std::path::Path,
+    bs: usize,
+    nblocks: u64,
+    written: &[u64],
+    new: u64,
+    old: u64,
+) -> Result<FileCheck> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path)
+        .with_context(|| format!("Cannot open the backing file {}", path.display()))?;
+    let mut buf = vec![0u8; bs];
+    let mut fc = FileCheck {
+        path: path.display().to_string(),
+        blocks_checked: 0,
+        mismatches: 0,
+        first_mismatches: Vec::new(),
+    };
+    for block in 0..nblocks {
+        f.read_exact_at(&mut buf, block * bs as u64)
+            .with_context(|| format!("Cannot read block {block} of {}", path.display()))?;
+        let w = usize::try_from(block / 64)
+            .ok()
+            .and_then(|i| written.get(i))
+            .is_some_and(|w| w & (1 << (block % 64)) != 0);
+        fc.blocks_checked += 1;
+        if let Err(found) = pattern::check(&buf, block, &[if w { new } else { old }]) {
+            fc.mismatches += 1;
+            if fc.first_mismatches.len() < 8 {
+                fc.first_mismatches.push(job::Mismatch {
+                    offset: block * bs as u64,
+                    found,
+                });
+            }
+        }
+    }
+    Ok(fc)
 }
 
 fn main() {
@@ -334,6 +419,8 @@ fn run() -> Result<bool> {
         stop,
         verify: None,
         rng_seed: seed,
+        timeline: None,
+        stop_file: None,
     };
 
     let mut verify_report = None;
@@ -358,6 +445,7 @@ fn run() -> Result<bool> {
             reads_checked: 0,
             mismatches: 0,
             first_mismatches: Vec::new(),
+            file: None,
         });
         if r.errors > 0 {
             eprintln!(
@@ -377,8 +465,18 @@ fn run() -> Result<bool> {
                 vec![seed_pre]
             }),
         }),
+        timeline: a.timeline.then(std::time::Instant::now),
+        stop_file: a.stop_file.clone(),
         ..base.clone()
     };
+    let start_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64();
+    if let Some(p) = &a.ready_file {
+        std::fs::write(p, format!("{start_unix:.6}\n"))
+            .with_context(|| format!("Cannot create --ready-file {}", p.display()))?;
+    }
     let cpu0 = process_cpu_seconds();
     let res = run_phase(&mut queues, &main_phase).context("Benchmark run failed")?;
     let client_cpu_s = process_cpu_seconds() - cpu0;
@@ -410,7 +508,22 @@ fn run() -> Result<bool> {
             v.first_mismatches.extend(r.mismatch_details);
         }
         v.first_mismatches.truncate(8);
+        if let Some(path) = &a.check_file {
+            let (written, new) = if a.rw.has_writes() {
+                (res.written.as_slice(), seed_wr)
+            } else {
+                (&[][..], seed_pre)
+            };
+            v.file = Some(check_file(path, bs, nblocks, written, new, seed_pre)?);
+        }
     }
+    let timeline = main_phase.timeline.map(|_| Timeline {
+        start_unix,
+        bucket_ms: job::TIMELINE_BUCKET.as_millis() as u64,
+        ok: res.timeline_ok.clone(),
+        err: res.timeline_err.clone(),
+        ok_by_queue: res.timeline_queues.clone(),
+    });
 
     let secs = res.elapsed.as_secs_f64().max(1e-9);
     let report = Report {
@@ -435,10 +548,14 @@ fn run() -> Result<bool> {
         lat_us: res.hist.summary_us(),
         client_cpu_s,
         verify: verify_report,
+        timeline,
     };
     let ok = report.errors == 0
         && report.verify.as_ref().is_none_or(|v| {
-            v.mismatches == 0 && v.precondition_errors == 0 && v.readback_errors == 0
+            v.mismatches == 0
+                && v.precondition_errors == 0
+                && v.readback_errors == 0
+                && v.file.as_ref().is_none_or(|f| f.mismatches == 0)
         });
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -480,6 +597,15 @@ fn print_text(r: &Report) {
         );
         for m in &v.first_mismatches {
             println!("    offset {}: {:?}", m.offset, m.found);
+        }
+        if let Some(f) = &v.file {
+            println!(
+                "  backing file {}: {} blocks checked, {} mismatches",
+                f.path, f.blocks_checked, f.mismatches
+            );
+            for m in &f.first_mismatches {
+                println!("    offset {}: {:?}", m.offset, m.found);
+            }
         }
     }
 }
