@@ -115,6 +115,21 @@ def main():
         False, 0, 0, b'TargetAddress=[fd00::2]:3260,1\0', 0, cls=1, det=1))
     write('login_responses', 'auth-failure', bytes([1]) + login_rsp(False, 0, 0, b'', 0, cls=2, det=1))
 
+    # iser_message: received RDMA Sends (28-byte iSER header + the real tgtd
+    # PDUs above), Hello/HelloReply, and RDMA CM private data as ib_isert and
+    # tgtd send it (4-byte iSER CM header, zero-padded by the CM).
+    iser_ctrl = bytes([0x10]) + bytes(27)
+    iser_rsv = bytes([0x14, 0, 0, 0]) + bytes(4) + bytes(8) + \
+        (0x1234).to_bytes(4, 'big') + (0x7f0000001000).to_bytes(8, 'big')
+    for i, pdu in enumerate(split(caps['tgtd_plain.t2i'])[:4]):
+        write('iser_message', 'tgtd-%02d' % i, iser_ctrl + pdu)
+    write('iser_message', 'scsi-rsp-rsv', iser_rsv + bhs(0x21, 0x80, itt=7, rest=seq()))
+    write('iser_message', 'hello', bytes([0x20, 0x11, 0x00, 0x10]) + bytes(8))
+    write('iser_message', 'hello-reply', bytes([0x30, 0x11, 0x00, 0x10]) + bytes(8))
+    write('iser_message', 'hello-reply-reject', bytes([0x31, 0x21, 0x00, 0x00]) + bytes(8))
+    write('iser_message', 'cm-isert', bytes([0x80, 0, 0, 0]) + bytes(52))
+    write('iser_message', 'cm-linux-initiator', bytes([0xc0, 0, 0, 0]))
+
 
 if __name__ == '__main__':
     main()

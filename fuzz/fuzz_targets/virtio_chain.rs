@@ -8,6 +8,7 @@ use std::sync::Arc;
 use libfuzzer_sys::fuzz_target;
 use vhost_iser::blk::buffer::GuestMemoryMmap;
 use vhost_iser::blk::request::{parse_request, Request, RequestLimits};
+use vhost_iser::blk::target::SharedCapacity;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -16,6 +17,7 @@ const MEM: usize = 0x10000;
 const DESC: u64 = 0x0;
 const AVAIL: u64 = 0x200;
 const USED: u64 = 0x300;
+const CAPACITY_SECTORS: u64 = 1 << 20;
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 2 {
@@ -42,7 +44,7 @@ fuzz_target!(|data: &[u8]| {
     q.set_used_ring_address(Some(USED as u32), Some(0));
     q.set_ready(true);
     let limits = RequestLimits {
-        capacity_sectors: 1 << 20,
+        capacity_sectors: SharedCapacity::new(CAPACITY_SECTORS),
         seg_max: 14,
         read_only: data[0] & 0x80 != 0,
         discard: Some((4096, 8)),
@@ -58,14 +60,17 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(Request::Block(b)) = &p.request {
         assert!(p.status_addr.is_some());
         let end = b.sector + b.data.len() / 512;
-        assert!(end <= limits.capacity_sectors);
+        assert!(end <= CAPACITY_SECTORS);
         for v in b.data.iovecs() {
             let base = mem.get_host_address(GuestAddress(0)).unwrap() as usize;
             let a = v.iov_base as usize;
-            assert!(a >= base && a + v.iov_len <= base + MEM, "iovec outside guest memory");
+            assert!(
+                a >= base && a + v.iov_len <= base + MEM,
+                "iovec outside guest memory"
+            );
         }
         for r in &b.ranges {
-            assert!(r.sector + r.num_sectors as u64 <= limits.capacity_sectors);
+            assert!(r.sector + r.num_sectors as u64 <= CAPACITY_SECTORS);
         }
     }
 });

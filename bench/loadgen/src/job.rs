@@ -119,6 +119,10 @@ pub struct QueueCtx {
     pub buf: *mut u8,
     /// Length of the buffer area.
     pub buf_len: usize,
+    /// `scatter` iovecs per slot (slot-major) when requests are scattered; empty otherwise.
+    pub iovecs: Vec<libc::iovec>,
+    /// Pieces per request (1 = one contiguous buffer).
+    pub scatter: usize,
 }
 
 // SAFETY: `buf` points into a memfd mapping owned by the `Blkio` instance, which outlives every
@@ -536,7 +540,18 @@ fn submit(ctx: &mut QueueCtx, phase: &Phase, gen: &mut Gen, slots: &mut [Option<
         });
     }
     let offset = block * bs as u64;
-    if write {
+    if ctx.scatter > 1 {
+        // The slot's iovecs live in ctx.iovecs, untouched until the context is dropped, so
+        // they outlive the request; their buffers lie inside the mapped region (main.rs sized
+        // it for the gaps).
+        let iov = ctx.iovecs[id * ctx.scatter..].as_ptr();
+        let n = ctx.scatter as u32;
+        if write {
+            ctx.q.writev(offset, iov, n, id, ReqFlags::empty());
+        } else {
+            ctx.q.readv(offset, iov, n, id, ReqFlags::empty());
+        }
+    } else if write {
         ctx.q.write(offset, p, bs, id, ReqFlags::empty());
     } else {
         ctx.q.read(offset, p, bs, id, ReqFlags::empty());

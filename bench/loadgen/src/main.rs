@@ -67,6 +67,11 @@ struct Args {
     /// Virtqueue size (default: enough for --iodepth, at least 256).
     #[arg(long)]
     queue_size: Option<u32>,
+    /// Split every request's buffer into N equal pieces that are not adjacent in memory
+    /// (readv/writev with N iovecs, a gap of one piece after each), as a guest's scattered
+    /// pages are. 1 = one contiguous buffer.
+    #[arg(long, default_value_t = 1)]
+    scatter: usize,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -115,6 +120,24 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .map_err(|_| format!("'{s}' is not a size in bytes"))?;
     n.checked_mul(mult)
         .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+/// The iovecs of every slot when requests are scattered: slot `s`, piece `k` starts at
+/// `buf + 2 * (s * bs + k * piece)` (each piece followed by a gap of its own size).
+/// Empty when `scatter` is 1.
+fn scattered_iovecs(buf: *mut u8, bs: usize, depth: usize, scatter: usize) -> Vec<libc::iovec> {
+    if scatter <= 1 {
+        return Vec::new();
+    }
+    let piece = bs / scatter;
+    (0..depth)
+        .flat_map(|s| {
+            (0..scatter).map(move |k| libc::iovec {
+                iov_base: buf.wrapping_add(2 * (s * bs + k * piece)).cast(),
+                iov_len: piece,
+            })
+        })
+        .collect()
 }
 
 /// Queue size big enough for `iodepth` requests of `DESCS_PER_REQUEST` descriptors each.
@@ -375,8 +398,20 @@ fn run() -> Result<bool> {
     // The page size is the least alignment that makes regions mmap-able by the backend.
     let page = 4096usize;
     let align = usize::try_from(mem_align).unwrap_or(page).max(page);
+    if a.scatter == 0 || !bs.is_multiple_of(a.scatter) || !(bs / a.scatter).is_multiple_of(512) {
+        bail!(
+            "--scatter {} must divide --bs {bs} into pieces of a multiple of 512 bytes",
+            a.scatter
+        );
+    }
+    if a.scatter > 1 && a.verify {
+        bail!("--scatter and --verify cannot be combined");
+    }
+    // Scattered buffers leave a gap as large as each piece after it.
+    let spread = if a.scatter > 1 { 2 } else { 1 };
     let buf_len = bs
         .checked_mul(a.iodepth)
+        .and_then(|n| n.checked_mul(spread))
         .and_then(|n| round_up(n, align))
         .context("--bs x --iodepth is too large")?;
     let mut queues = Vec::with_capacity(blkioqs.len());
@@ -393,7 +428,14 @@ fn run() -> Result<bool> {
             // SAFETY: the region is a fresh read-write mapping of `buf_len` bytes owned by `b`.
             unsafe { std::ptr::write_bytes(buf, 0, buf_len) };
         }
-        queues.push(QueueCtx { q, buf, buf_len });
+        let iovecs = scattered_iovecs(buf, bs, a.iodepth, a.scatter);
+        queues.push(QueueCtx {
+            q,
+            buf,
+            buf_len,
+            iovecs,
+            scatter: a.scatter,
+        });
     }
 
     let seed = a.seed.unwrap_or_else(|| {

@@ -47,7 +47,7 @@ use libc::iovec;
 use log::{info, warn};
 
 use super::cm::CmHdr;
-use super::header::{ControlHeader, RemoteBuffer, CONTROL_HEADER_LEN};
+use super::header::{ControlHeader, ControlMessage, RemoteBuffer, CONTROL_HEADER_LEN};
 use super::memory::{find, GuestMemoryRegistration, RegionReg, Regions};
 use super::verbs::{
     Access, CmEventKind, CmId, CompletionQueue, ConnParam, ProtectionDomain, QpCaps, QueuePair,
@@ -492,23 +492,10 @@ impl IserConnection {
         if let Err(e) = repost {
             return Err(self.fail(format!("cannot repost a receive: {e}")));
         }
-        if let Err(e) = ControlHeader::decode(&msg) {
-            return Err(self.malformed(format!("bad iSER header: {e}")));
-        }
-        let Some(bhs_bytes) = msg.get(CONTROL_HEADER_LEN..HDRS) else {
-            return Err(self.malformed(format!("{len}-byte message, shorter than a BHS")));
+        let (bhs, data) = match ControlMessage::parse(&msg) {
+            Ok(m) => (m.bhs, m.data.to_vec()),
+            Err(e) => return Err(self.malformed(format!("bad iSER message: {e}"))),
         };
-        let mut bhs = [0u8; BHS_LEN];
-        bhs.copy_from_slice(bhs_bytes);
-        let ahs = bhs[4] as usize * 4;
-        let dsl = u32::from_be_bytes([0, bhs[5], bhs[6], bhs[7]]) as usize;
-        let start = HDRS + ahs;
-        let Some(data) = msg.get(start..start + dsl) else {
-            return Err(self.malformed(format!(
-                "PDU declares {ahs} AHS and {dsl} data bytes but the message has {len} bytes"
-            )));
-        };
-        let data = data.to_vec();
         let itt = u32::from_be_bytes([bhs[16], bhs[17], bhs[18], bhs[19]]);
         match bhs[0] & 0x3f {
             // SCSI Response: the target is done with the buffer.

@@ -11,6 +11,8 @@
 
 use thiserror::Error;
 
+use crate::transport::BHS_LEN;
+
 /// Length of the iSER header of an iSCSI control-type PDU.
 pub const CONTROL_HEADER_LEN: usize = 28;
 /// Length of an iSER Hello or HelloReply message.
@@ -69,6 +71,27 @@ pub enum HeaderError {
         max: u8,
         /// MinVer (Hello) or CurVer (HelloReply) field.
         min: u8,
+    },
+    /// A control-type message too short to hold the iSCSI BHS after the
+    /// iSER header.
+    #[error(
+        "iSER message of {len} bytes is shorter than its headers ({CONTROL_HEADER_LEN} iSER + {BHS_LEN} BHS)"
+    )]
+    ShortPdu {
+        /// Bytes received.
+        len: usize,
+    },
+    /// The BHS declares more AHS or data than the message holds.
+    #[error(
+        "iSCSI PDU declares {ahs} AHS and {data} data bytes but the iSER message has {len} bytes"
+    )]
+    SegmentsBeyondMessage {
+        /// AHS bytes declared (TotalAHSLength × 4).
+        ahs: usize,
+        /// DataSegmentLength declared.
+        data: usize,
+        /// Bytes received.
+        len: usize,
     },
     /// The message has a valid opcode but is not the kind the caller expected.
     #[error("expected an iSER {expected} message, got opcode {got:#x}")]
@@ -197,6 +220,51 @@ impl ControlHeader {
             va: be64(&b[20..28]),
         });
         Ok(ControlHeader { write, read })
+    }
+}
+
+/// A received control-type message split into its parts: the iSER header,
+/// the iSCSI BHS, and the AHS and data segment that the BHS declares. Every
+/// length comes from the target and is checked against the bytes received
+/// before a slice is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ControlMessage<'a> {
+    /// The iSER header (STags are meaningless in messages from a target).
+    pub header: ControlHeader,
+    /// The iSCSI Basic Header Segment.
+    pub bhs: [u8; BHS_LEN],
+    /// The Additional Header Segments (TotalAHSLength × 4 bytes).
+    pub ahs: &'a [u8],
+    /// The data segment (DataSegmentLength bytes; iSER does not pad it, and
+    /// bytes after it in the message are ignored).
+    pub data: &'a [u8],
+}
+
+impl<'a> ControlMessage<'a> {
+    /// Splits the `msg` a Receive completed with (its first `len` bytes).
+    pub fn parse(msg: &'a [u8]) -> Result<Self, HeaderError> {
+        let header = ControlHeader::decode(msg)?;
+        let bhs: [u8; BHS_LEN] = msg
+            .get(CONTROL_HEADER_LEN..CONTROL_HEADER_LEN + BHS_LEN)
+            .and_then(|s| s.try_into().ok())
+            .ok_or(HeaderError::ShortPdu { len: msg.len() })?;
+        let ahs_len = usize::from(bhs[4]) * 4;
+        let data_len = usize::from(bhs[5]) << 16 | usize::from(bhs[6]) << 8 | usize::from(bhs[7]);
+        let ahs_start = CONTROL_HEADER_LEN + BHS_LEN;
+        let data_start = ahs_start + ahs_len;
+        let beyond = HeaderError::SegmentsBeyondMessage {
+            ahs: ahs_len,
+            data: data_len,
+            len: msg.len(),
+        };
+        let ahs = msg.get(ahs_start..data_start).ok_or(beyond.clone())?;
+        let data = msg.get(data_start..data_start + data_len).ok_or(beyond)?;
+        Ok(ControlMessage {
+            header,
+            bhs,
+            ahs,
+            data,
+        })
     }
 }
 
@@ -573,5 +641,66 @@ mod tests {
         let (m, n) = Message::decode(&pdu).unwrap();
         assert_eq!(n, CONTROL_HEADER_LEN);
         assert_eq!(m, Message::Control(ControlHeader::default()));
+    }
+
+    fn control_message(ahs_words: u8, dsl: usize, extra: usize) -> Vec<u8> {
+        let mut m = ControlHeader::default().encode().to_vec();
+        let mut bhs = [0u8; BHS_LEN];
+        bhs[0] = 0x21; // SCSI Response
+        bhs[4] = ahs_words;
+        bhs[5..8].copy_from_slice(&(dsl as u32).to_be_bytes()[1..]);
+        m.extend_from_slice(&bhs);
+        m.extend((0..usize::from(ahs_words) * 4 + dsl + extra).map(|i| i as u8));
+        m
+    }
+
+    #[test]
+    fn control_message_splits_ahs_and_data() {
+        let m = control_message(1, 18, 0);
+        let p = ControlMessage::parse(&m).unwrap();
+        assert_eq!(p.bhs[0], 0x21);
+        assert_eq!(p.ahs, &[0, 1, 2, 3]);
+        assert_eq!(p.data.len(), 18);
+        assert_eq!(p.data[0], 4);
+        // Bytes after the data segment (a target padding it) are ignored.
+        let m = control_message(0, 5, 3);
+        assert_eq!(ControlMessage::parse(&m).unwrap().data, &[0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn control_message_refuses_lengths_beyond_the_message() {
+        let mut m = control_message(0, 100, 0);
+        m.truncate(m.len() - 1);
+        assert_eq!(
+            ControlMessage::parse(&m),
+            Err(HeaderError::SegmentsBeyondMessage {
+                ahs: 0,
+                data: 100,
+                len: CONTROL_HEADER_LEN + BHS_LEN + 99
+            })
+        );
+        let mut m = control_message(255, 0, 0);
+        m.truncate(CONTROL_HEADER_LEN + BHS_LEN + 16);
+        assert!(matches!(
+            ControlMessage::parse(&m),
+            Err(HeaderError::SegmentsBeyondMessage { ahs: 1020, .. })
+        ));
+        // The largest DataSegmentLength a BHS can declare, in a tiny message.
+        let mut m = control_message(0, 0, 0);
+        m[CONTROL_HEADER_LEN + 5..CONTROL_HEADER_LEN + 8].copy_from_slice(&[0xff; 3]);
+        assert!(ControlMessage::parse(&m).is_err());
+        let m = control_message(0, 0, 0);
+        assert_eq!(
+            ControlMessage::parse(&m[..CONTROL_HEADER_LEN + 47]),
+            Err(HeaderError::ShortPdu {
+                len: CONTROL_HEADER_LEN + 47
+            })
+        );
+        let mut m = control_message(0, 0, 0);
+        m[0] = 0x20; // Hello where a control-type PDU must be
+        assert!(matches!(
+            ControlMessage::parse(&m),
+            Err(HeaderError::UnexpectedOpcode { .. })
+        ));
     }
 }
