@@ -45,9 +45,13 @@ fn pattern(name: &str, token: &str) -> Vec<u8> {
 }
 
 /// Runs `virsh -c qemu:///system ARGS` (bounded by `timeout`); Ok(stdout) or Err(text).
+///
+/// The bound is generous: libvirt 9.0 re-probes QEMU's capabilities (a TCG
+/// `qemu-system-i386` and `-x86_64` under QMP) when a domain is defined, which
+/// took ~48 s per `virsh define` on a loaded 2-core machine without KVM.
 fn virsh(args: &[&str]) -> Result<String, String> {
     let out = Command::new("timeout")
-        .args(["-k", "5", "60", "virsh", "-c", URI])
+        .args(["-k", "5", "240", "virsh", "-c", URI])
         .args(args)
         .stdin(Stdio::null())
         .output()
