@@ -639,6 +639,19 @@ mod tests {
     const F_WRITE: u16 = 2;
     const QSIZE: u16 = 16;
 
+    /// A vring of QSIZE entries on the mock queue's rings, not yet ready.
+    fn vring_on(
+        mem: &GuestMemoryAtomic<GuestMemoryMmap>,
+        vq: &MockSplitQueue<GuestMemoryMmap>,
+    ) -> Vring {
+        let vring = Vring::new(mem.clone(), QSIZE).unwrap();
+        vring.set_queue_size(QSIZE);
+        vring
+            .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
+            .unwrap();
+        vring
+    }
+
     fn hdr(at: u64) -> GuestAddress {
         GuestAddress(0x10000 + at * 0x100)
     }
@@ -727,11 +740,7 @@ mod tests {
         }
 
         let mem = GuestMemoryAtomic::new(gm.clone());
-        let vring = Vring::new(mem.clone(), QSIZE).unwrap();
-        vring.set_queue_size(QSIZE);
-        vring
-            .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
-            .unwrap();
+        let vring = vring_on(&mem, &vq);
         // QEMU rewinds to the used index when the back-end died.
         vring.set_queue_next_avail(1);
         vring.set_queue_next_used(1);
@@ -799,11 +808,7 @@ mod tests {
             old.popped(15); // never a chain: an all-zero descriptor
         }
         let mem = GuestMemoryAtomic::new(gm.clone());
-        let vring = Vring::new(mem.clone(), QSIZE).unwrap();
-        vring.set_queue_size(QSIZE);
-        vring
-            .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
-            .unwrap();
+        let vring = vring_on(&mem, &vq);
         vring.set_queue_ready(true);
         let mut w = worker(&mem);
         w.set_inflight(region.queue_tracker(0));
@@ -884,11 +889,7 @@ mod tests {
         assert!(take_dirty_pages(&log).is_empty());
 
         let mem = GuestMemoryAtomic::new(gm.clone());
-        let vring = Vring::new(mem.clone(), QSIZE).unwrap();
-        vring.set_queue_size(QSIZE);
-        vring
-            .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
-            .unwrap();
+        let vring = vring_on(&mem, &vq);
         vring.set_queue_ready(true);
         let mut w = worker(&mem);
         w.dirty_log.store(true, Ordering::Relaxed);
@@ -938,11 +939,7 @@ mod tests {
         .unwrap();
         let log = plug_log(&gm);
         let mem = GuestMemoryAtomic::new(gm.clone());
-        let vring = Vring::new(mem.clone(), QSIZE).unwrap();
-        vring.set_queue_size(QSIZE);
-        vring
-            .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
-            .unwrap();
+        let vring = vring_on(&mem, &vq);
         vring.set_queue_ready(true);
         let mut w = worker(&mem);
         w.dirty_log.store(true, Ordering::Relaxed);
