@@ -312,6 +312,28 @@ impl QueueView<'_> {
     }
 }
 
+/// What an inflight region says when a ring is attached to it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Recovery {
+    /// Nobody used the region before: a new one from GET_INFLIGHT_FD, as on
+    /// a migration destination or at first start. It knows nothing about
+    /// the ring, so the frontend's SET_VRING_BASE stands.
+    Fresh,
+    /// A previous back-end used the region: the heads it took and did not
+    /// complete, oldest first (maybe none).
+    InFlight(Vec<u16>),
+}
+
+impl Recovery {
+    /// The heads to resubmit (none for a fresh region).
+    pub fn heads(&self) -> &[u16] {
+        match self {
+            Recovery::Fresh => &[],
+            Recovery::InFlight(h) => h,
+        }
+    }
+}
+
 /// One queue's inflight tracker, owned by that queue's worker.
 pub struct QueueInflight {
     region: Arc<InflightRegion>,
@@ -360,13 +382,14 @@ impl QueueInflight {
     }
 
     /// Called when the ring (of `queue_size` entries, used index
-    /// `ring_used_idx`) is attached. Returns the heads a previous back-end
-    /// left in flight, oldest first; an uninitialised region is initialised.
+    /// `ring_used_idx`) is attached. Returns what a previous back-end left in
+    /// flight, oldest first; an uninitialised region is initialised and
+    /// reported as [`Recovery::Fresh`].
     pub fn recover(
         &mut self,
         queue_size: u16,
         ring_used_idx: u16,
-    ) -> Result<Vec<u16>, InflightError> {
+    ) -> Result<Recovery, InflightError> {
         let v = self.view();
         let mismatch = |why: String| InflightError::Mismatch {
             queue: self.index,
@@ -381,7 +404,7 @@ impl QueueInflight {
         let version = v.version().load(Ordering::Acquire);
         if version == 0 {
             self.reset(queue_size, ring_used_idx);
-            return Ok(Vec::new());
+            return Ok(Recovery::Fresh);
         }
         if version != INFLIGHT_VERSION {
             let e = mismatch(format!("unknown version {version}"));
@@ -411,7 +434,9 @@ impl QueueInflight {
             .collect();
         heads.sort_unstable();
         self.counter = heads.last().map_or(1, |&(c, _)| c.wrapping_add(1));
-        Ok(heads.into_iter().map(|(_, h)| h).collect())
+        Ok(Recovery::InFlight(
+            heads.into_iter().map(|(_, h)| h).collect(),
+        ))
     }
 
     fn reset(&mut self, queue_size: u16, ring_used_idx: u16) {
@@ -450,7 +475,7 @@ mod tests {
     fn fresh_region_has_nothing_to_resubmit() {
         let (_f, r) = region(2, 8);
         let mut q = r.queue_tracker(1).unwrap();
-        assert!(q.recover(8, 5).unwrap().is_empty());
+        assert_eq!(q.recover(8, 5).unwrap(), Recovery::Fresh);
         assert!(r.queue_tracker(2).is_none());
     }
 
@@ -458,7 +483,7 @@ mod tests {
     fn crash_leaves_popped_heads_in_pop_order() {
         let (file, r) = region(1, 8);
         let mut q = r.queue_tracker(0).unwrap();
-        assert!(q.recover(8, 0).unwrap().is_empty());
+        assert_eq!(q.recover(8, 0).unwrap(), Recovery::Fresh);
         for h in [5, 2, 7, 0] {
             q.popped(h);
         }
@@ -472,10 +497,10 @@ mod tests {
         let len = file.metadata().unwrap().len();
         let r2 = InflightRegion::open(&file, 0, len, 1, 8, 8).unwrap();
         let mut q2 = r2.queue_tracker(0).unwrap();
-        assert_eq!(q2.recover(8, 2).unwrap(), vec![5, 0]);
+        assert_eq!(q2.recover(8, 2).unwrap().heads(), [5, 0]);
         // ordering continues after the old counters
         q2.popped(3);
-        assert_eq!(q2.recover(8, 2).unwrap(), vec![5, 0, 3]);
+        assert_eq!(q2.recover(8, 2).unwrap().heads(), [5, 0, 3]);
     }
 
     #[test]

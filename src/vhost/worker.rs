@@ -26,7 +26,7 @@ use crate::blk::target::{BlockOp, BlockStatus, Completion, QueueTarget};
 use crate::log_limit::{suppressed_note, LogLimiter};
 use crate::metrics::{self, LatencyHistogram, StatOp, StatStamp};
 
-use super::inflight::QueueInflight;
+use super::inflight::{QueueInflight, Recovery};
 
 /// A virtqueue over the backend's guest memory (regions with dirty bitmaps).
 pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemoryMmap>>;
@@ -341,7 +341,25 @@ impl QueueWorker {
             }
         };
         let heads = match tracker.recover(size, used_idx) {
-            Ok(h) => h,
+            Ok(Recovery::InFlight(h)) => h,
+            Ok(Recovery::Fresh) => {
+                // A new region (first start, migration destination) knows
+                // nothing: the frontend's SET_VRING_BASE stands. Rewinding to
+                // the used index here would run again, into guest memory the
+                // guest may have reused, any request the previous back-end
+                // took and whose completion is not in the used ring.
+                let base = vring.queue_next_avail();
+                if base != used_idx {
+                    warn!(
+                        "queue {}: the ring starts at avail index {base} with used index \
+                         {used_idx}: {} request(s) taken by a previous back-end have no \
+                         completion in the used ring; continuing from the frontend's index",
+                        self.index,
+                        base.wrapping_sub(used_idx)
+                    );
+                }
+                return;
+            }
             Err(e) => {
                 warn!("{e}; continuing without resubmission");
                 return;
@@ -727,7 +745,7 @@ mod tests {
         let region = InflightRegion::open(&file, 0, len, 1, QSIZE, 1).unwrap();
         {
             let mut old = region.queue_tracker(0).unwrap();
-            assert!(old.recover(QSIZE, 0).unwrap().is_empty());
+            assert_eq!(old.recover(QSIZE, 0).unwrap(), Recovery::Fresh);
             for head in [0, 3, 6] {
                 old.popped(head);
             }
@@ -764,7 +782,7 @@ mod tests {
         }
         // Nothing is left in flight in the region.
         let mut again = region.queue_tracker(0).unwrap();
-        assert!(again.recover(QSIZE, 3).unwrap().is_empty());
+        assert!(again.recover(QSIZE, 3).unwrap().heads().is_empty());
 
         // The ring goes on: a read of sector 2 returns what head 6 wrote.
         vq.add_desc_chains(&chain(&gm, 3, VIRTIO_BLK_T_IN), 9)
@@ -775,6 +793,49 @@ mod tests {
         let mut back = [0u8; 512];
         gm.read_slice(&mut back, data(3)).unwrap();
         assert_eq!(back, [0xA2; 512]);
+    }
+
+    /// A fresh region (a migration destination's) knows nothing: the ring
+    /// continues at the frontend's SET_VRING_BASE even when the used index
+    /// lags behind it. Rewinding to the used index would run a request the
+    /// source already took again, writing into a buffer the guest may have
+    /// reused (seen as a destination guest oops before this was fixed).
+    #[test]
+    fn fresh_region_keeps_the_frontends_ring_base() {
+        let gm = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap();
+        let vq = MockSplitQueue::new(&gm, QSIZE);
+        let mut descs = Vec::new();
+        for i in 0..2 {
+            gm.write_slice(&[0xB0 + i as u8; 512], data(u64::from(i)))
+                .unwrap();
+            descs.extend(chain(&gm, i, VIRTIO_BLK_T_OUT));
+        }
+        vq.add_desc_chains(&descs, 0).unwrap();
+        let (file, len) = InflightRegion::create(1, QSIZE, 1).unwrap();
+        let region = InflightRegion::open(&file, 0, len, 1, QSIZE, 1).unwrap();
+
+        let mem = GuestMemoryAtomic::new(gm.clone());
+        let vring = vring_on(&mem, &vq);
+        // The source took request 0 (used index still 0 in guest memory);
+        // the frontend hands over avail index 1.
+        vring.set_queue_next_avail(1);
+        vring.set_queue_next_used(0);
+        vring.set_queue_ready(true);
+
+        let mut w = worker(&mem);
+        w.set_inflight(region.queue_tracker(0));
+        w.process_queue(&vring, false);
+
+        assert_eq!(vring.queue_next_avail(), 2, "only request 1 was run");
+        assert_eq!(gm.read_obj::<u8>(status(1)).unwrap(), VIRTIO_BLK_S_OK);
+        assert_ne!(
+            gm.read_obj::<u8>(status(0)).unwrap(),
+            VIRTIO_BLK_S_OK,
+            "request 0 belongs to the source and must not run again"
+        );
+        let used_idx: u16 = gm.read_obj(vq.used_addr().unchecked_add(2)).unwrap();
+        assert_eq!(used_idx, 1);
+        assert_eq!(used_elem(&gm, &vq, 0), 3, "head of request 1");
     }
 
     /// Heads the region claims in flight whose descriptors are garbage are

@@ -586,10 +586,14 @@ where
             // Note: I'm not sure why QEMU's vhost-user library sets the 'user' index here,
             // _probably_ to make sure that the VQ is already configured. A better solution would
             // be to receive the 'used' index in SET_VRING_BASE, as is done when using packed VQs.
-            let idx = vring
-                .queue_used_idx()
+            //
+            // vhost-iser patch: read and set under one lock. QEMU sends this
+            // message on a running ring when a migration turns dirty logging
+            // on or off; a completion landing between a separate read and
+            // write would be overwritten by the next one.
+            vring
+                .sync_queue_next_used()
                 .map_err(|_| VhostUserError::BackendInternalError)?;
-            vring.set_queue_next_used(idx);
 
             Ok(())
         } else {

@@ -81,6 +81,20 @@ pub trait VringT<M: GuestAddressSpace>:
     /// Get queue next used head index from the guest memory.
     fn queue_used_idx(&self) -> Result<u16, VirtQueError>;
 
+    /// Set queue next used head to the used index in guest memory, in one
+    /// step (vhost-iser patch).
+    ///
+    /// The read and the write happen under one lock: a queue thread that
+    /// adds a used entry between them would otherwise see its entry
+    /// overwritten by the next one, and the guest would lose a completion.
+    /// Front-ends send SET_VRING_ADDR on a running ring (QEMU does when it
+    /// turns dirty logging on or off for a migration).
+    fn sync_queue_next_used(&self) -> Result<(), VirtQueError> {
+        let idx = self.queue_used_idx()?;
+        self.set_queue_next_used(idx);
+        Ok(())
+    }
+
     /// Set configured queue size.
     fn set_queue_size(&self, num: u16);
 
@@ -214,6 +228,14 @@ impl<M: GuestAddressSpace> VringState<M> {
         self.queue
             .used_idx(self.mem.memory().deref(), Ordering::Relaxed)
             .map(|idx| idx.0)
+    }
+
+    /// Set queue next used head to the used index in guest memory
+    /// (vhost-iser patch; see `VringT::sync_queue_next_used`).
+    fn sync_queue_next_used(&mut self) -> Result<(), VirtQueError> {
+        let idx = self.queue_used_idx()?;
+        self.set_queue_next_used(idx);
+        Ok(())
     }
 
     /// Set configured queue size.
@@ -358,6 +380,10 @@ impl<M: 'static + GuestAddressSpace> VringT<M> for VringMutex<M> {
         self.lock().queue_used_idx()
     }
 
+    fn sync_queue_next_used(&self) -> Result<(), VirtQueError> {
+        self.lock().sync_queue_next_used()
+    }
+
     fn set_queue_size(&self, num: u16) {
         self.lock().set_queue_size(num);
     }
@@ -471,6 +497,10 @@ impl<M: 'static + GuestAddressSpace> VringT<M> for VringRwLock<M> {
 
     fn queue_used_idx(&self) -> Result<u16, VirtQueError> {
         self.get_ref().queue_used_idx()
+    }
+
+    fn sync_queue_next_used(&self) -> Result<(), VirtQueError> {
+        self.write_lock().sync_queue_next_used()
     }
 
     fn set_queue_size(&self, num: u16) {
