@@ -864,6 +864,7 @@ impl LunQueue {
                 }
                 let flags = RwFlags { fua, dpo: false };
                 if let Some(chunks) = self.scattered_chunks(start, len, &data) {
+                    crate::metrics::SCATTER_SPLITS.fetch_add(1, Ordering::Relaxed);
                     for c in chunks {
                         self.send_rw(parent, &data, dir, flags, c)?;
                     }

@@ -92,6 +92,13 @@ const SEND_TAG: u64 = 2 << 62;
 
 static BYTES_COPIED: AtomicU64 = AtomicU64::new(0);
 static BYTES_COPIED_UNREGISTERED: AtomicU64 = AtomicU64::new(0);
+static COMMANDS_SENT: AtomicU64 = AtomicU64::new(0);
+
+/// SCSI commands sent on all iSER connections of the process (with
+/// [`bytes_copied`], the copy cost per command).
+pub fn commands_sent() -> u64 {
+    COMMANDS_SENT.load(Ordering::Relaxed)
+}
 
 /// Bytes of guest data copied through bounce buffers because a command's
 /// buffer was not contiguous in host memory (all iSER connections of the
@@ -836,6 +843,7 @@ impl IserConnection {
         self.sq_free -= 1;
         if is_cmd {
             self.commands += 1;
+            COMMANDS_SENT.fetch_add(1, Ordering::Relaxed);
             self.pending.insert(
                 itt,
                 pending.unwrap_or(Pending {
