@@ -154,6 +154,12 @@ and a client that sends nothing (or shuts down its write side) within
       queue's session uses; preferred=\"false\" while failed over
   vhost_iser_path_changes_total                sessions moved to another
       portal (failover) or back to their preferred one (failback)
+  vhost_iser_iser_commands_total               SCSI commands sent over iSER
+  vhost_iser_iser_copied_bytes_total{reason}   bytes copied through iSER
+      bounce buffers; reason: scattered (guest buffer not contiguous in host
+      memory), unregistered (outside registered memory)
+  vhost_iser_scatter_splits_total              scattered requests sent as
+      one command per contiguous run (VHOST_ISER_SCATTER=split)
   vhost_iser_build_info{version,commit}        always 1",
     ),
     (
@@ -170,6 +176,13 @@ above. Path changes read e.g.
         "ENVIRONMENT",
         "VHOST_ISER_CHAP_SECRET           the CHAP secret, when no --chap-secret-file
 VHOST_ISER_TARGET_CHAP_SECRET    the mutual CHAP secret, when no --target-chap-secret-file
+VHOST_ISER_SCATTER               iSER: bounce (default) or split; how a request whose
+                                 guest buffer is scattered in host memory is sent:
+                                 one command through a registered bounce buffer
+                                 (copied), or one command per contiguous run when
+                                 every run is whole blocks (no copy, more commands)
+VHOST_ISER_POLL_US               iSER: microseconds to poll the completion queue
+                                 after a completion before sleeping (default 20)
 RUST_LOG                         log filter (overrides --log-level)",
     ),
     (

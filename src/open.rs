@@ -14,7 +14,7 @@ use crate::iscsi::params::{IserOffer, ParamOffer};
 use crate::iscsi::session::Session;
 use crate::iscsi::url::{default_initiator_name, Scheme, TargetUrl};
 use crate::scsi::lun::{ScsiLun, SessionFactory};
-use crate::transport::iser::{GuestMemoryRegistration, IserConnection};
+use crate::transport::iser::{GuestMemoryRegistration, IserConnection, ScatterPolicy};
 use crate::transport::Transport;
 
 /// Environment variable holding the CHAP secret (when no file is given).
@@ -50,6 +50,9 @@ pub struct OpenOptions {
     pub login_timeout: Option<Duration>,
     /// Operational parameter proposals (tests tune bursts and digests).
     pub params: Option<ParamOffer>,
+    /// iSER: how scattered guest buffers are carried (None: `$VHOST_ISER_SCATTER`,
+    /// else bounce).
+    pub iser_scatter: Option<ScatterPolicy>,
 }
 
 /// Opens the target named by `spec`:
@@ -81,6 +84,17 @@ pub fn open_target(spec: &str, opts: &OpenOptions) -> Result<Arc<dyn Target>, Ta
     } else {
         None
     };
+    let scatter = match (opts.iser_scatter, &iser) {
+        (Some(p), _) => p,
+        (None, Some(_)) => ScatterPolicy::from_env().map_err(|reason| TargetError::BadTarget {
+            target: spec.to_string(),
+            reason,
+        })?,
+        (None, None) => ScatterPolicy::default(),
+    };
+    if iser.is_some() && scatter != ScatterPolicy::default() {
+        log::info!("iSER: scattered guest buffers are split into one command per contiguous run");
+    }
     let mut portals = vec![url.portal()];
     portals.extend(opts.extra_portals.iter().cloned());
     let mut cfg = connect_config(opts, portals, url.target.clone(), url.user.clone())?;
@@ -96,6 +110,7 @@ pub fn open_target(spec: &str, opts: &OpenOptions) -> Result<Arc<dyn Target>, Ta
         lun: url.lun_wire(),
         connector,
         memory: iser,
+        scatter,
     });
     let lun = ScsiLun::open(factory, opts.timeouts)?;
     Ok(Arc::new(ReadOnlyOverride {
@@ -253,6 +268,8 @@ struct IscsiSessions {
     describe_target: String,
     /// iSER: guest memory registrations shared by the sessions.
     memory: Option<Arc<GuestMemoryRegistration>>,
+    /// iSER: bounce or split scattered buffers.
+    scatter: ScatterPolicy,
 }
 
 impl IscsiSessions {
@@ -311,6 +328,13 @@ impl SessionFactory for IscsiSessions {
         self.memory
             .as_ref()
             .map(|_| crate::transport::iser::connection::MAX_COMMAND_DATA)
+    }
+
+    fn registered_runs(&self, iov: &[libc::iovec], runs: &mut Vec<u64>) -> bool {
+        match &self.memory {
+            Some(m) if self.scatter == ScatterPolicy::Split => m.registered_runs(iov, runs),
+            _ => false,
+        }
     }
 }
 

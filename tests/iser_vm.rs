@@ -10,7 +10,9 @@
 //! several separated iovecs), 32 in flight; then kills tgtd, restarts it and
 //! checks that I/O recovers. The backend logs its copy counters every few
 //! commands (`VHOST_ISER_REPORT_EVERY`): contiguous buffers must copy 0
-//! bytes, scattered ones go through bounce buffers.
+//! bytes, scattered ones go through bounce buffers; a backend with
+//! `VHOST_ISER_SCATTER=split` moves the same scattered requests to tgtd as
+//! one command per piece, copying nothing.
 //! `VHOST_ISER_SKIP_RDMA_VM=1` skips the VM deliberately (it says so).
 
 mod client;
@@ -320,6 +322,49 @@ fn run_phases(name: &str, b: &Backend, c: &mut Client, backing: &str, seed: u8) 
     );
 }
 
+/// Scattered I/O with `VHOST_ISER_SCATTER=split`: every piece is whole
+/// 512-byte blocks, so each request goes as one command per piece, in
+/// place: the data must arrive and nothing may be copied.
+fn split_run(url: &str, backing: &str, seed: u8) {
+    println!("== split: {url}");
+    let b = Backend::start_env(
+        &[
+            "--target",
+            url,
+            "--initiator-name",
+            INITIATOR,
+            "--queues",
+            "2",
+        ],
+        &[
+            ("VHOST_ISER_REPORT_EVERY", "32"),
+            ("VHOST_ISER_SCATTER", "split"),
+        ],
+    );
+    let mut c = Client::connect(&b.socket, 2, MEM);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let moved = scattered_phase(&mut c, seed, 48 * MIB as u64);
+        check_backing(backing, 48 * MIB as u64, 4 * MIB, seed);
+        for i in 0..DEPTH {
+            let p = c.ptr(i * 4 * KIB);
+            c.queues[1].read(0, p, 4 * KIB, i, ReqFlags::empty());
+        }
+        wait_ok(&mut c, 1, DEPTH, "read");
+        let log = b.log();
+        let (scattered, _) = copy_counters(&log).expect("copy counters");
+        println!("split: scattered I/O moved {moved} bytes; backend copied {scattered} bytes");
+        assert!(
+            log.contains("split into one command per contiguous run"),
+            "split policy not taken:\n{log}"
+        );
+        assert_eq!(scattered, 0, "split requests were copied; log:\n{log}");
+    }));
+    if let Err(e) = r {
+        println!("--- split: backend log ---\n{}", tail(&b.log(), 60));
+        std::panic::resume_unwind(e);
+    }
+}
+
 /// The target's backing file at `at` holds `pattern(at, len, seed)`.
 fn check_backing(path: &str, at: u64, len: usize, seed: u8) {
     use std::io::{Read, Seek, SeekFrom};
@@ -423,6 +468,7 @@ fn vm_iser_end_to_end() {
         assert!(log.contains("reconnected"), "no reconnect logged:\n{log}");
         drop(c);
         drop(b);
+        split_run(&tgt_url, &tgt_backing, 11);
     }));
     println!("whole run {:.1}s", t0.elapsed().as_secs_f64());
     if res.is_err() {

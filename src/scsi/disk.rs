@@ -502,6 +502,48 @@ pub fn split_range(
     })
 }
 
+/// Splits a read or write of `len` bytes at byte `offset` whose buffer is
+/// made of `runs` (the lengths of its host-contiguous pieces, in order) into
+/// commands that each cover part of one run, at most `max_transfer` bytes:
+/// iSER's "split" strategy for scattered buffers, since one command names
+/// one contiguous range. Chunk offsets are relative to the request.
+///
+/// `None` when splitting does not apply and the request goes as one buffer
+/// (which the iSER transport bounces): fewer than two runs, a run that is
+/// empty or not a whole number of `block_size` blocks (a command cannot end
+/// mid-block), runs that do not add up to `len`, bad geometry, or more than
+/// `max_commands` commands.
+pub fn split_at_runs(
+    offset: u64,
+    len: u64,
+    runs: &[u64],
+    block_size: u32,
+    max_transfer: u32,
+    max_commands: usize,
+) -> Option<Vec<Chunk>> {
+    if runs.len() < 2 || block_size == 0 {
+        return None;
+    }
+    let bs = u64::from(block_size);
+    let total = runs.iter().try_fold(0u64, |a, &r| a.checked_add(r))?;
+    if total != len || runs.iter().any(|&r| r == 0 || !r.is_multiple_of(bs)) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(runs.len());
+    let mut done = 0u64;
+    for &r in runs {
+        for mut c in split_range(offset.checked_add(done)?, r, block_size, max_transfer).ok()? {
+            if out.len() >= max_commands {
+                return None;
+            }
+            c.offset = c.offset.checked_add(done)?;
+            out.push(c);
+        }
+        done += r;
+    }
+    Some(out)
+}
+
 /// "LUNs 0, 1", "LUN 0", "no LUNs" (the first 16, then "...").
 fn reported_list(luns: &[Lun]) -> String {
     match luns.len() {
@@ -1374,6 +1416,52 @@ mod tests {
             LunInfo::from_probe(&p).unwrap().max_transfer_bytes,
             65535 * 512
         );
+    }
+
+    #[test]
+    fn split_at_runs_block_aligned() {
+        // 128 KiB as 32 x 4 KiB runs at LBA 8 (512-byte blocks): one command per run.
+        let runs = [4096u64; 32];
+        let c = split_at_runs(4096, 128 << 10, &runs, 512, 512 << 10, 1024).unwrap();
+        assert_eq!(c.len(), 32);
+        for (i, ch) in c.iter().enumerate() {
+            assert_eq!(ch.offset, i as u64 * 4096);
+            assert_eq!(ch.lba, 8 + i as u64 * 8);
+            assert_eq!((ch.blocks, ch.len), (8, 4096));
+        }
+        // Uneven runs, the second longer than the transfer limit: split again
+        // inside the run, never across runs.
+        let c = split_at_runs(0, 3 * 4096, &[4096, 8192], 4096, 4096, 1024).unwrap();
+        let got: Vec<_> = c.iter().map(|c| (c.lba, c.offset, c.len)).collect();
+        assert_eq!(got, [(0, 0, 4096), (1, 4096, 4096), (2, 8192, 4096)]);
+    }
+
+    #[test]
+    fn split_at_runs_falls_back() {
+        // One run: contiguous, nothing to split.
+        assert!(split_at_runs(0, 8192, &[8192], 512, 1 << 20, 1024).is_none());
+        assert!(split_at_runs(0, 0, &[], 512, 1 << 20, 1024).is_none());
+        // A run that is not a whole number of blocks (a 4 KiB block LUN with
+        // 2 KiB pieces; 512-byte blocks with a 1000-byte piece): bounce.
+        assert!(split_at_runs(0, 8192, &[2048; 4], 4096, 1 << 20, 1024).is_none());
+        assert!(split_at_runs(0, 1536, &[1000, 536], 512, 1 << 20, 1024).is_none());
+        // The same pieces on a 512-byte LUN split fine.
+        assert_eq!(
+            split_at_runs(0, 8192, &[2048; 4], 512, 1 << 20, 1024).map(|c| c.len()),
+            Some(4)
+        );
+        // Runs that do not cover the request, an empty run, overflow.
+        assert!(split_at_runs(0, 8192, &[4096, 2048], 512, 1 << 20, 1024).is_none());
+        assert!(split_at_runs(0, 4096, &[4096, 0], 512, 1 << 20, 1024).is_none());
+        assert!(split_at_runs(0, 0, &[u64::MAX - 511, 1024], 512, 1 << 20, 1024).is_none());
+        // More commands than allowed.
+        assert!(split_at_runs(0, 4 * 512, &[512; 4], 512, 1 << 20, 3).is_none());
+        assert!(split_at_runs(0, 4 * 512, &[512; 4], 512, 1 << 20, 4).is_some());
+        // Bad geometry.
+        assert!(split_at_runs(0, 1024, &[512, 512], 0, 1 << 20, 1024).is_none());
+        assert!(split_at_runs(0, 1024, &[512, 512], 512, 256, 1024).is_none());
+        // A range off the end of the LBA space.
+        assert!(split_at_runs(u64::MAX - 511, 1024, &[512, 512], 512, 4096, 1024).is_none());
     }
 
     #[test]

@@ -18,7 +18,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::cdb::{self, RwFlags, UnmapDescriptor, WriteSameFlags};
-use super::disk::{split_range, DiskError, LunInfo, LunProber, ProbeResult};
+use super::disk::{split_at_runs, split_range, Chunk, DiskError, LunInfo, LunProber, ProbeResult};
 use super::luns::Lun;
 use super::sense::{classify, SenseAction, SenseData, UnitAttention};
 use super::status::ScsiStatus;
@@ -70,6 +70,16 @@ pub trait SessionFactory: Send + Sync {
     /// Whether `portal` answers a connect now (blocking for a second or two:
     /// called on a helper thread, never on the data path).
     fn probe(&self, _portal: &str) -> bool {
+        false
+    }
+    /// Transports that name a command's whole buffer with one address
+    /// (iSER), set to split scattered requests rather than bounce them:
+    /// true when every segment of `iov` (each a host-contiguous run) lies in
+    /// memory the transport names in place, with each segment's length
+    /// appended to `runs`; the request is then issued as one command per run
+    /// (see [`split_at_runs`]). False (the default): one command for the
+    /// whole buffer, however scattered.
+    fn registered_runs(&self, _iov: &[libc::iovec], _runs: &mut Vec<u64>) -> bool {
         false
     }
 }
@@ -428,6 +438,8 @@ pub struct LunQueue {
     login_helper: Helper,
     /// The thread that probes the preferred portal.
     probe_helper: Helper,
+    /// Scratch list of a scattered request's run lengths (no allocation per request).
+    runs: Vec<u64>,
 }
 
 /// Which of a queue's helper threads runs a job.
@@ -653,6 +665,7 @@ impl LunQueue {
             relogins,
             login_helper: Helper::default(),
             probe_helper: Helper::default(),
+            runs: Vec::new(),
         })
     }
 
@@ -780,6 +793,51 @@ impl LunQueue {
         }
     }
 
+    /// A scattered read or write as one command per host-contiguous run of
+    /// its buffer, when the transport asks for that and can name every run
+    /// in place (iSER with `VHOST_ISER_SCATTER=split`), each run is whole
+    /// blocks and the commands stay within [`MAX_CHILDREN_PER_REQUEST`].
+    /// `None`: issue it as usual (the iSER transport then bounces it).
+    fn scattered_chunks(&mut self, start: u64, len: u64, data: &IoBuffers) -> Option<Vec<Chunk>> {
+        // Contiguous buffers (most of what Linux guests send) skip the
+        // transport's lookup entirely.
+        if data.iovecs().len() < 2 {
+            return None;
+        }
+        self.runs.clear();
+        if !self.factory.registered_runs(data.iovecs(), &mut self.runs) {
+            return None;
+        }
+        split_at_runs(
+            start,
+            len,
+            &self.runs,
+            self.info.block_size,
+            self.info.max_transfer_bytes,
+            MAX_CHILDREN_PER_REQUEST as usize,
+        )
+    }
+
+    /// Sends one READ or WRITE of a request's chunk.
+    fn send_rw(
+        &mut self,
+        parent: usize,
+        data: &Arc<IoBuffers>,
+        dir: DataDir,
+        flags: RwFlags,
+        c: Chunk,
+    ) -> Result<(), String> {
+        let cdb = if dir == DataDir::Write {
+            cdb::write(c.lba, c.blocks, flags, self.info.cdb16)
+        } else {
+            cdb::read(c.lba, c.blocks, flags, self.info.cdb16)
+        }
+        .map_err(|e| e.to_string())?;
+        let cmd = self.command(cdb, dir, Some(data.clone()), c.offset, c.len);
+        self.send_child(parent, cmd, 0);
+        Ok(())
+    }
+
     /// Builds the commands for one request; false if it cannot be expressed.
     fn build(&mut self, parent: usize, req: BlockRequest) -> Result<(), String> {
         let bs = self.info.block_size as u64;
@@ -804,6 +862,14 @@ impl LunQueue {
                 if let Some(Some(p)) = self.parents.get_mut(parent) {
                     p._data = Some(data.clone());
                 }
+                let flags = RwFlags { fua, dpo: false };
+                if let Some(chunks) = self.scattered_chunks(start, len, &data) {
+                    crate::metrics::SCATTER_SPLITS.fetch_add(1, Ordering::Relaxed);
+                    for c in chunks {
+                        self.send_rw(parent, &data, dir, flags, c)?;
+                    }
+                    return Ok(());
+                }
                 let chunks = split_range(
                     start,
                     len,
@@ -819,15 +885,7 @@ impl LunQueue {
                     ));
                 }
                 for c in chunks {
-                    let flags = RwFlags { fua, dpo: false };
-                    let cdb = if dir == DataDir::Write {
-                        cdb::write(c.lba, c.blocks, flags, cdb16)
-                    } else {
-                        cdb::read(c.lba, c.blocks, flags, cdb16)
-                    }
-                    .map_err(|e| e.to_string())?;
-                    let cmd = self.command(cdb, dir, Some(data.clone()), c.offset, c.len);
-                    self.send_child(parent, cmd, 0);
+                    self.send_rw(parent, &data, dir, flags, c)?;
                 }
             }
             BlockOp::Flush => {

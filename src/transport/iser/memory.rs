@@ -226,6 +226,29 @@ impl GuestMemoryRegistration {
         self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// Whether every segment of `iov` lies inside one registered region of
+    /// the first RDMA device, i.e. could be named in place by that region's
+    /// rkey if it were a command's whole buffer. Appends each segment's
+    /// length to `runs`. The caller passes segments already merged where
+    /// adjacent ([`crate::blk::buffer::IoBuffers`] does that), so each is one
+    /// host-contiguous run. False before any connection or memory table.
+    ///
+    /// A process has one device in practice; should a second device lack a
+    /// region, its connection bounces that command instead (still correct).
+    pub fn registered_runs(&self, iov: &[libc::iovec], runs: &mut Vec<u64>) -> bool {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(d) = g.devices.first() else {
+            return false;
+        };
+        for v in iov {
+            if find(&d.regions, v.iov_base as u64, v.iov_len as u64).is_none() {
+                return false;
+            }
+            runs.push(v.iov_len as u64);
+        }
+        true
+    }
+
     /// Logs once that a command's buffer was outside registered memory.
     pub fn warn_unregistered_once(&self, addr: u64, len: u64) {
         if !self.warned_unregistered.swap(true, Ordering::Relaxed) {

@@ -17,6 +17,7 @@ use rdma_sys::{
     ibv_post_recv, ibv_post_send, ibv_qp, ibv_recv_wr, ibv_send_flags, ibv_send_wr, ibv_sge,
     ibv_wr_opcode, rdma_destroy_qp,
 };
+use smallvec::SmallVec;
 use std::fmt;
 use std::io;
 use std::ops::BitOr;
@@ -362,16 +363,18 @@ impl QueuePair {
         if wrs.is_empty() {
             return Ok(());
         }
-        let mut chain: Vec<ibv_send_wr> = Vec::with_capacity(wrs.len());
+        // Inline for the usual single WR: no allocation per post on the
+        // data path. Not moved after the links are set below.
+        let mut chain: SmallVec<[ibv_send_wr; 2]> = SmallVec::with_capacity(wrs.len());
         for w in wrs {
             let mut wr = zeroed_send_wr();
             self.fill_send(w, &mut wr)?;
             chain.push(wr);
         }
-        // Link after the Vec is complete so the pointers stay valid.
+        // Link after the chain is complete so the pointers stay valid.
         let base = chain.as_mut_ptr();
         for i in 1..chain.len() {
-            // SAFETY: i < len, so base+i is inside the Vec's buffer.
+            // SAFETY: i < len, so base+i is inside the chain's buffer.
             let next = unsafe { base.add(i) };
             chain[i - 1].next = next;
         }
@@ -407,7 +410,8 @@ impl QueuePair {
         if wrs.is_empty() {
             return Ok(());
         }
-        let mut chain: Vec<ibv_recv_wr> = Vec::with_capacity(wrs.len());
+        // Inline for the usual single receive (a repost per message).
+        let mut chain: SmallVec<[ibv_recv_wr; 4]> = SmallVec::with_capacity(wrs.len());
         for w in wrs {
             if w.sges.len() > self.caps.max_recv_sge as usize {
                 return Err(VerbsError::InvalidArgument(format!(
