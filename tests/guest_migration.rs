@@ -11,16 +11,36 @@
 //!   only through vhost-iser's dirty log. fio must finish on the destination
 //!   with every block verified.
 //!
-//!   How we know this test can fail: (1) with VHOST_F_LOG_ALL not offered,
+//!   Once the migration has completed, both QEMUs are paused (the
+//!   destination is started with `-S`): the test dumps their guest RAM with
+//!   QMP `pmemsave` and requires the two to be identical, page for page,
+//!   before it lets the destination run.
+//!
+//!   How we know this test can fail: with VHOST_F_LOG_ALL not offered,
 //!   QEMU refuses the `migrate` command ("Migration disabled: vhost lacks
-//!   VHOST_F_LOG_ALL feature"), which fails the test at the migrate step;
-//!   (2) with the features offered but the data pages not marked (the
-//!   worker's `log_data_in` made a no-op: a local experiment, not a switch
-//!   in the code) the destination guest broke in every run where reads were
-//!   in flight at the switch-over (kernel oops, list corruption, virtio_blk
-//!   "id N is not a head!"), so the test failed; with the marking it passes.
-//!   The tgtd freeze at the switch-over makes such reads certain: the
-//!   backend then logs "stopped the ring with 16 requests in flight".
+//!   VHOST_F_LOG_ALL feature"), which fails the test at the migrate step.
+//!   The tgtd freeze at the switch-over makes reads in flight at the stop
+//!   certain: the backend then logs "stopped the ring with 16 requests in
+//!   flight", which the test requires.
+//!
+//!   Why it is `#[ignore]`d: under TCG on this host, QEMU's live migration
+//!   itself loses guest-CPU writes. The RAM check finds differing pages in
+//!   about 1 run in 3 (4 of 11 with vhost-iser; 1 of 5 in the control
+//!   below), and in about 1 run in 5 the destination guest oopses right
+//!   after the switch-over (NULL function pointers, list corruption in
+//!   timers and RCU). The pages that differ hold kernel data, counters and
+//!   list pointers, which only the guest CPU writes, and the control, with
+//!   no vhost-user device at all, loses them too (and oopsed): the losses
+//!   are TCG's own dirty tracking. They hide whatever the back-end's dirty
+//!   log might miss, so this test cannot vouch for it here (the unit tests
+//!   and vhost_user_hostile check the pages it marks). Two back-end bugs
+//!   found by reading the code on the way are fixed: a SET_VRING_ADDR on a
+//!   running ring could lose a completion (vendored vhost-user-backend,
+//!   PATCHED.md item 4), and a fresh inflight region rewound the ring to the
+//!   used index. Run it with `--ignored` where KVM exists.
+//!
+//!   `VI_MIGRATION_CONTROL=qemu-iscsi` runs the same test with QEMU's own
+//!   virtio-blk on its libiscsi driver instead of vhost-iser (the control).
 //!
 //!   Libvirt cannot do this on one host (it refuses to migrate to the same
 //!   host), so the test drives two QEMU processes over QMP itself.
@@ -82,6 +102,43 @@ fn guest_image(dir: &Path) -> GuestImage {
     }
 }
 
+/// QEMU arguments for a disk served by the vhost-user back-end at `socket`.
+fn vhost_user_disk(socket: &Path) -> Vec<String> {
+    vec![
+        "-chardev".into(),
+        format!("socket,id=disk0,path={},reconnect=1", socket.display()),
+        "-device".into(),
+        "vhost-user-blk-pci,chardev=disk0,num-queues=1".into(),
+    ]
+}
+
+/// QEMU arguments for the control: QEMU's own virtio-blk on its libiscsi
+/// driver, no vhost-user device at all.
+fn qemu_iscsi_disk(url: &str, initiator: &str) -> Vec<String> {
+    vec![
+        "-iscsi".into(),
+        format!("initiator-name={initiator}"),
+        "-drive".into(),
+        format!("file={url},if=none,id=d0,format=raw,cache=none"),
+        "-device".into(),
+        "virtio-blk-pci,drive=d0,num-queues=1".into(),
+    ]
+}
+
+/// Guest RAM pages (4 KiB) that differ between two `pmemsave` dumps, as
+/// "address (bytes that differ)".
+fn differing_pages(a: &[u8], b: &[u8]) -> Vec<String> {
+    a.chunks(4096)
+        .zip(b.chunks(4096))
+        .enumerate()
+        .filter(|(_, (pa, pb))| pa != pb)
+        .map(|(i, (pa, pb))| {
+            let n = pa.iter().zip(pb.iter()).filter(|(x, y)| x != y).count();
+            format!("{:#x} ({n} B)", i * 4096)
+        })
+        .collect()
+}
+
 /// One QEMU process: console in a file, QMP on a unix socket; killed on drop.
 struct Qemu {
     child: Child,
@@ -96,7 +153,7 @@ impl Qemu {
         name: &str,
         dir: &Path,
         image: &GuestImage,
-        disk: &Path,
+        disk: &[String],
         append: &str,
         extra: &[&str],
     ) -> Qemu {
@@ -122,12 +179,7 @@ impl Qemu {
             .args(["-serial", "chardev:ser0"])
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-            .arg("-chardev")
-            .arg(format!(
-                "socket,id=disk0,path={},reconnect=1",
-                disk.display()
-            ))
-            .args(["-device", "vhost-user-blk-pci,chardev=disk0,num-queues=1"])
+            .args(disk)
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -313,7 +365,7 @@ fn lun() -> (Tgtd, String) {
 }
 
 #[test]
-#[ignore = "flaky: the destination guest sometimes oopses after the migration (cause not found yet); run with --ignored"]
+#[ignore = "TCG migration on this host loses guest-CPU writes in ~1 run in 5 (also with no vhost-user device: see the module docs); run with --ignored, reliable only with KVM"]
 fn live_migration_keeps_the_disk_consistent() {
     let started = Instant::now();
     let (tgtd, url) = lun();
@@ -323,16 +375,34 @@ fn live_migration_keeps_the_disk_consistent() {
     let dst_backend = start_backend(dir.path(), "b", &url, "iqn.2026-11.vhost-iser.test:dst");
     let migsock = dir.path().join("migrate.sock");
     let append = "vi_mode=migrate vi_secs=25";
+    // VI_MIGRATION_CONTROL=qemu-iscsi runs the same migration with QEMU's own
+    // virtio-blk on its libiscsi driver (no vhost-user device): the control
+    // that tells TCG's losses from the back-end's. The back-end checks are
+    // skipped then.
+    let control = std::env::var("VI_MIGRATION_CONTROL").is_ok_and(|v| v == "qemu-iscsi");
+    let (src_disk, dst_disk) = if control {
+        (
+            qemu_iscsi_disk(&url, "iqn.2026-11.vhost-iser.test:qemu-src"),
+            qemu_iscsi_disk(&url, "iqn.2026-11.vhost-iser.test:qemu-dst"),
+        )
+    } else {
+        (
+            vhost_user_disk(&src_backend.socket),
+            vhost_user_disk(&dst_backend.socket),
+        )
+    };
 
-    let mut src = Qemu::start("src", dir.path(), &image, &src_backend.socket, append, &[]);
+    let mut src = Qemu::start("src", dir.path(), &image, &src_disk, append, &[]);
     let incoming = format!("unix:{}", migsock.display());
+    // -S: the destination stays paused after the migration, so its RAM can
+    // be compared with the paused source's before it runs.
     let mut dst = Qemu::start(
         "dst",
         dir.path(),
         &image,
-        &dst_backend.socket,
+        &dst_disk,
         append,
-        &["-incoming", &incoming],
+        &["-incoming", &incoming, "-S"],
     );
     let context = |src: &Qemu, dst: &Qemu| {
         format!(
@@ -359,7 +429,7 @@ fn live_migration_keeps_the_disk_consistent() {
     );
     assert!(r.contains("\"return\""), "migrate-set-parameters: {r}");
     let a_metrics = dir.path().join("a.metrics");
-    let read_before = read_bytes(&a_metrics);
+    let read_before = if control { 0.0 } else { read_bytes(&a_metrics) };
     let mig_start = Instant::now();
     let r = qmp.execute(&format!(
         r#"{{"execute": "migrate", "arguments": {{"uri": "{incoming}"}}}}"#
@@ -401,7 +471,10 @@ fn live_migration_keeps_the_disk_consistent() {
             // fio may be between two runs: wait until its reads are stuck
             // in backend A, so the switch-over cannot find it idle.
             let deadline = Instant::now() + Duration::from_secs(20);
-            while in_flight(&a_metrics) < 1.0 {
+            if control {
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            while !control && in_flight(&a_metrics) < 1.0 {
                 assert!(
                     Instant::now() < deadline,
                     "the guest's I/O did not pile up behind the frozen tgtd:\n{}",
@@ -429,7 +502,11 @@ fn live_migration_keeps_the_disk_consistent() {
         t.join().unwrap();
     }
     let mig_wall = mig_start.elapsed();
-    let read_during = read_bytes(&a_metrics) - read_before;
+    let read_during = if control {
+        0.0
+    } else {
+        read_bytes(&a_metrics) - read_before
+    };
     let total_ms = json_number(&answer, "total-time").unwrap_or(0);
     let downtime_ms = json_number(&answer, "downtime").unwrap_or(0);
     let transferred = json_number(&answer, "transferred").unwrap_or(0);
@@ -440,6 +517,44 @@ fn live_migration_keeps_the_disk_consistent() {
         transferred >> 20,
         read_during / f64::from(1 << 20)
     );
+    // Both sides are paused now: their guest RAM must be identical. The
+    // source's last device writes (the reads completed while GET_VRING_BASE
+    // waited) reach the destination only through the dirty log.
+    let size = u64::from(GUEST_MIB) << 20;
+    let pmemsave = |q: &mut Qmp, file: &Path| {
+        let r = q.execute(&format!(
+            r#"{{"execute": "pmemsave", "arguments": {{"val": 0, "size": {size}, "filename": "{}"}}}}"#,
+            file.display()
+        ));
+        assert!(r.contains("\"return\""), "pmemsave: {r}");
+        std::fs::read(file).expect("read the RAM dump")
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = dst_qmp.execute(r#"{"execute": "query-status"}"#);
+        if r.contains("\"paused\"") || r.contains("\"prelaunch\"") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "destination not paused after the migration: {r}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let differing = {
+        let a = pmemsave(&mut qmp, &dir.path().join("src.ram"));
+        let b = pmemsave(&mut dst_qmp, &dir.path().join("dst.ram"));
+        differing_pages(&a, &b)
+    };
+    let _ = std::fs::remove_file(dir.path().join("src.ram"));
+    let _ = std::fs::remove_file(dir.path().join("dst.ram"));
+    eprintln!(
+        "guest RAM after the migration: {} of {} pages differ between source and destination",
+        differing.len(),
+        size / 4096
+    );
+    let r = dst_qmp.execute(r#"{"execute": "cont"}"#);
+    assert!(r.contains("\"return\""), "cont on the destination: {r}");
     let src_console = src.console_text();
     let r = qmp.execute(r#"{"execute": "query-status"}"#);
     assert!(r.contains("postmigrate"), "source after migration: {r}");
@@ -455,6 +570,13 @@ fn live_migration_keeps_the_disk_consistent() {
     let dst_console = dst.console_text();
     let ctx = context(&src, &dst);
     assert!(
+        differing.is_empty(),
+        "guest RAM differs between the paused source and destination in {} pages \
+         (first: {:?}); the destination then said:\n{ctx}",
+        differing.len(),
+        &differing[..differing.len().min(20)]
+    );
+    assert!(
         dst_console.contains("VI-RESULT=OK"),
         "fio on the destination failed:\n{ctx}"
     );
@@ -467,6 +589,9 @@ fn live_migration_keeps_the_disk_consistent() {
         after >= 1,
         "no fio loop finished on the destination:\n{ctx}"
     );
+    if control {
+        return;
+    }
     assert!(
         read_during > 0.0,
         "the guest read nothing during the migration: the test proves nothing:\n{ctx}"
@@ -520,7 +645,7 @@ fn qemu_killed_and_restarted_on_a_running_backend() {
         "first",
         dir.path(),
         &image,
-        &backend.socket,
+        &vhost_user_disk(&backend.socket),
         "vi_mode=write",
         &[],
     );
@@ -568,7 +693,7 @@ fn qemu_killed_and_restarted_on_a_running_backend() {
         "second",
         dir.path(),
         &image,
-        &backend.socket,
+        &vhost_user_disk(&backend.socket),
         "vi_mode=verify",
         &[],
     );
