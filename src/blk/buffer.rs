@@ -49,6 +49,27 @@ pub fn mark_dirty(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) {
     }
 }
 
+/// Copies `N` bytes at `addr` out of guest memory when they lie inside one
+/// region (None otherwise: the caller falls back to vm-memory's general
+/// path). A request header is read once per request; vm-memory's `read_slice`
+/// walks an iterator of slices and calls memcpy for 16 bytes, which made it a
+/// tenth of the worker's time at depth.
+pub fn read_in_region<const N: usize>(
+    mem: &GuestMemoryMmap,
+    addr: GuestAddress,
+) -> Option<[u8; N]> {
+    let (region, offset) = mem.to_region_addr(addr)?;
+    if offset.0.checked_add(N as u64)? > region.len() {
+        return None;
+    }
+    let ptr = region.get_host_address(offset).ok()?;
+    // SAFETY: `ptr..ptr+N` lies inside the region's mapping (checked above),
+    // which the memory snapshot `mem` keeps mapped; [u8; N] has alignment 1.
+    // The guest may write these bytes concurrently: a volatile read takes one
+    // copy and the caller validates what it got.
+    Some(unsafe { std::ptr::read_volatile(ptr.cast::<[u8; N]>()) })
+}
+
 /// Why a guest buffer could not be added to a request.
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum BufferError {
@@ -290,6 +311,23 @@ mod tests {
             ])
             .unwrap(),
         )
+    }
+
+    #[test]
+    fn read_in_region_only_inside_one_region() {
+        let mem = two_region_mem();
+        let bytes: Vec<u8> = (0..32u8).collect();
+        vm_memory::Bytes::write_slice(&*mem, &bytes, GuestAddress(0x1ff0)).unwrap();
+        assert_eq!(
+            read_in_region::<16>(&mem, GuestAddress(0x1ff0)),
+            Some(<[u8; 16]>::try_from(&bytes[..16]).unwrap())
+        );
+        // Crossing into the next region: the caller's general path must do it.
+        assert_eq!(read_in_region::<16>(&mem, GuestAddress(0x1ff8)), None);
+        // Outside guest memory, and at the very top of the address space.
+        assert_eq!(read_in_region::<16>(&mem, GuestAddress(0x3000)), None);
+        assert_eq!(read_in_region::<16>(&mem, GuestAddress(u64::MAX - 4)), None);
+        assert_eq!(read_in_region::<16>(&mem, GuestAddress(0x10ff8)), None);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use thiserror::Error;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend};
 
-use super::buffer::{GuestMemoryMmap, IoBuffers};
+use super::buffer::{read_in_region, GuestMemoryMmap, IoBuffers};
 use super::target::{BlockOp, BlockRequest, SectorRange, SharedCapacity};
 
 /// VIRTIO_BLK_T_IN: read.
@@ -326,7 +326,15 @@ where
         return fail(RequestError::ShortHeader(readable.len), Some(status));
     }
     let mut header = [0u8; HEADER_LEN as usize];
-    if let Err(e) = readable.read(mem, 0, &mut header) {
+    let fast = match readable.parts.first() {
+        Some(&(addr, len)) if len as u64 >= HEADER_LEN => {
+            read_in_region::<{ HEADER_LEN as usize }>(mem, addr)
+        }
+        _ => None,
+    };
+    if let Some(h) = fast {
+        header = h;
+    } else if let Err(e) = readable.read(mem, 0, &mut header) {
         return fail(e, Some(status));
     }
     let ty = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
