@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Benchmark of the vhost layer alone: vhost-iser with its RAM target (mem:) against
-# qemu-storage-daemon's null-co vhost-user-blk export, driven by the same libblkio client
+# Benchmark of the vhost layer alone: vhost-iser with its null target (null:, or the RAM target
+# mem: with --iser-target mem) against qemu-storage-daemon's null-co vhost-user-blk export, driven by the same libblkio client
 # (bench/loadgen) with the same jobs, interleaved in one run. See bench/README.md.
 #
 # Writes bench/results/vhost-layer.json and prints a markdown section to stdout; progress goes
 # to stderr. Exit status: 0 all jobs ran, 1 a job failed or returned I/O errors, 2 usage or
-# setup error (e.g. vhost-iser is not built or does not support --target mem:).
+# setup error (e.g. vhost-iser is not built or does not support --target null:).
 set -euo pipefail
 
 usage() {
@@ -21,7 +21,9 @@ usage: bench/vhost-layer.sh [options]
   --client-cpus LIST     taskset CPU list for the client only
   --poll                 client busy-polls for completions (default: sleeps on the eventfd)
   --vhost-iser-bin PATH  use this vhost-iser binary instead of building this checkout's
-  --qsd-read-zeroes on|off  null-co read-zeroes (default on: like mem:, it fills the buffer)
+  --qsd-read-zeroes on|off  null-co read-zeroes (default on: like null: and mem:, it fills the buffer)
+  --iser-target null|mem vhost-iser's target: null (default; no storage, like null-co) or mem
+                         (its sparse RAM disk: adds a lock and a lookup per request)
   --out FILE             JSON output (default bench/results/vhost-layer.json)
   --no-build             do not run cargo (binaries must already exist)
 Environment: VHOST_ISER_GIT=<rev> is recorded in the JSON as the vhost-iser revision measured.
@@ -41,6 +43,7 @@ client_cpus=
 poll=
 iser_bin=
 qsd_read_zeroes=on
+iser_target=null
 out="$repo/bench/results/vhost-layer.json"
 build=1
 backend_queues=4
@@ -52,6 +55,7 @@ log() { echo "vhost-layer.sh: $*" >&2; }
 while [ $# -gt 0 ]; do
     case "$1" in
         --backends) backends=$2; shift 2 ;;
+        --iser-target) iser_target=$2; shift 2 ;;
         --runtime) runtime=$2; shift 2 ;;
         --reps) reps=$2; shift 2 ;;
         --size) size=$2; shift 2 ;;
@@ -73,6 +77,7 @@ done
 [[ "$runtime" =~ ^[0-9]+([.][0-9]+)?$ ]] || die "--runtime must be a number of seconds"
 [[ "$reps" =~ ^[1-9][0-9]*$ ]] || die "--reps must be a positive integer"
 case "$qsd_read_zeroes" in on|off) ;; *) die "--qsd-read-zeroes must be on or off" ;; esac
+case "$iser_target" in null|mem) ;; *) die "--iser-target must be null or mem" ;; esac
 IFS=, read -r -a backend_arr <<<"$backends"
 for b in "${backend_arr[@]}"; do
     case "$b" in vhost-iser|qsd) ;; *) die "unknown backend '$b' (vhost-iser, qsd)" ;; esac
@@ -108,10 +113,10 @@ if want vhost-iser; then
         iser_bin="$target_dir/release/vhost-iser"
     fi
     [ -x "$iser_bin" ] || die "vhost-iser binary $iser_bin does not exist; cannot benchmark it (use --backends qsd to measure qsd alone)"
-    # The mem: target is what makes this a benchmark of the vhost layer alone; refuse to go on
+    # The null:/mem: targets are what make this a benchmark of the vhost layer alone; refuse to go on
     # (and never report numbers) if this build does not have it.
     if ! "$iser_bin" --help 2>&1 | grep -q -- '--target'; then
-        die "$iser_bin has no --target option: vhost-iser's RAM target (mem:) is not built yet; no numbers for vhost-iser (use --backends qsd)"
+        die "$iser_bin has no --target option: vhost-iser's RAM and null targets are not built yet; no numbers for vhost-iser (use --backends qsd)"
     fi
 fi
 # A freshly built binary's page-cache pages are dirty until written back, and while mapped they
@@ -145,7 +150,7 @@ backend_cmd() {
     local b=$1 sock=$2
     case "$b" in
         vhost-iser)
-            echo "$iser_bin --socket $sock --target mem:$size --queues $backend_queues --queue-size $backend_queue_size --log-level warn" ;;
+            echo "$iser_bin --socket $sock --target $iser_target:$size --queues $backend_queues --queue-size $backend_queue_size --log-level warn" ;;
         qsd)
             echo "qemu-storage-daemon --blockdev driver=null-co,node-name=null0,size=$size,read-zeroes=$qsd_read_zeroes --export type=vhost-user-blk,id=exp0,node-name=null0,addr.type=unix,addr.path=$sock,writable=on,num-queues=$backend_queues" ;;
     esac

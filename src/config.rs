@@ -93,7 +93,8 @@ holds new commands, lets the ones in flight finish (at most 5 s, after which the
 re-issued), logs out and logs in on the preferred portal again. If that login fails, the \
 session returns to the other portals at once and the probe interval doubles (up to 5 min).
 
-A mem:SIZE target keeps the disk in RAM, for tests and for measuring the vhost layer alone.
+A mem:SIZE target keeps the disk in RAM, for tests and demos; a null:SIZE target returns \
+zeroes and drops writes (like QEMU's null-co), for measuring the vhost layer alone.
 
 Secrets are read from files (--chap-secret-file) or the environment, never from the \
 command line or the config file.";
@@ -380,7 +381,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "S", help_heading = "Device")]
     pub serial: Option<String>,
 
-    /// Target: mem:SIZE, iscsi://[user@]host[:port]/iqn/lun or iser://[user@]host[:port]/iqn/lun.
+    /// Target: mem:SIZE, null:SIZE, iscsi://[user@]host[:port]/iqn/lun or iser://[user@]host[:port]/iqn/lun.
     #[arg(long, value_name = "URL", help_heading = "Target")]
     pub target: Option<String>,
 

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::blk::mem::MemTarget;
+use crate::blk::null::NullTarget;
 use crate::blk::target::{Target, TargetError};
 use crate::iscsi::chap::{ChapAlgorithm, ChapCredentials, ChapSecret};
 use crate::iscsi::connect::{tcp_dialer, ConnectConfig, Connector, Dialer, PathPolicy};
@@ -57,16 +58,20 @@ pub struct OpenOptions {
 
 /// Opens the target named by `spec`:
 /// - `mem:SIZE`: a RAM disk (tests, demos, benchmarks of the vhost layer);
+/// - `null:SIZE`: reads return zeroes, writes are dropped (benchmarks, plumbing checks);
 /// - `iscsi://[user@]host[:port]/iqn/lun`: an iSCSI LUN over TCP;
 /// - `iser://[user@]host[:port]/iqn/lun`: an iSCSI LUN over iSER (RDMA).
 pub fn open_target(spec: &str, opts: &OpenOptions) -> Result<Arc<dyn Target>, TargetError> {
     if let Some(size) = spec.strip_prefix("mem:") {
         return Ok(Arc::new(MemTarget::from_spec(size, opts.read_only)?));
     }
+    if let Some(size) = spec.strip_prefix("null:") {
+        return Ok(Arc::new(NullTarget::from_spec(size, opts.read_only)?));
+    }
     if !(spec.starts_with("iscsi://") || spec.starts_with("iser://")) {
         return Err(TargetError::BadTarget {
             target: spec.to_string(),
-            reason: "expected mem:SIZE, iscsi://host[:port]/iqn/lun or iser://host[:port]/iqn/lun"
+            reason: "expected mem:SIZE, null:SIZE, iscsi://host[:port]/iqn/lun or iser://host[:port]/iqn/lun"
                 .to_string(),
         });
     }
