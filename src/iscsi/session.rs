@@ -16,6 +16,7 @@
 //! session ([`Session::take_orphans`] / [`Session::adopt`]) and fail only when
 //! no new session took them within the replacement timeout.
 
+use libc::iovec;
 use std::collections::VecDeque;
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
@@ -30,7 +31,10 @@ use super::pdu::{
     TaskAttr, TaskMgmtRequest, TaskMgmtResponse, TmfFunction, TmfResponse, RESERVED_TAG, U24,
 };
 use super::task::{DataDir, ScsiCommandReq, Task, TaskTable, NOP_ITT_INDEX, TMF_ITT_INDEX};
-use crate::transport::{OutPdu, PduData, RecvPlan, TaskBuffer, Transport, TransportError, BHS_LEN};
+use crate::transport::{
+    ExpectedDataIn, OutPdu, PduData, RecvPlan, RecvPlanner, TaskBuffer, Transport, TransportError,
+    BHS_LEN,
+};
 
 /// Why a command or the session failed.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -192,6 +196,10 @@ pub struct Session {
     exp_stat_sn: u32,
     max_cmd_sn: u32,
     tasks: TaskTable,
+    /// ITTs of read commands in the order they were sent: the order in which
+    /// their Data-In most likely comes back (see [`DataInPlanner::expected`]).
+    /// Entries of finished commands are dropped lazily.
+    read_order: VecDeque<u32>,
     /// Commands waiting for the CmdSN window or a free slot.
     waiting: VecDeque<(ScsiCommandReq, u8)>,
     failed: Option<SessionError>,
@@ -212,6 +220,90 @@ pub struct Session {
     gave_up: bool,
 }
 
+/// Tells the transport where Data-In goes: straight into the guest buffer of
+/// the read it belongs to. Everything else is small and comes back owned.
+struct DataInPlanner<'a> {
+    tasks: &'a mut TaskTable,
+    read_order: &'a mut VecDeque<u32>,
+    /// Why a Data-In was refused (the session then drops the connection).
+    refused: &'a mut Option<String>,
+}
+
+impl RecvPlanner for DataInPlanner<'_> {
+    fn plan(&mut self, bhs: &[u8; BHS_LEN]) -> RecvPlan {
+        if bhs[0] & 0x3f != 0x25 {
+            return RecvPlan::Owned;
+        }
+        let itt = u32::from_be_bytes([bhs[16], bhs[17], bhs[18], bhs[19]]);
+        let offset = u32::from_be_bytes([bhs[40], bhs[41], bhs[42], bhs[43]]) as u64;
+        let dsl = u32::from_be_bytes([0, bhs[5], bhs[6], bhs[7]]) as u64;
+        let Some(task) = self.tasks.get_mut(itt) else {
+            *self.refused = Some(format!("Data-In for unknown task {itt:#010x}"));
+            return RecvPlan::Discard;
+        };
+        if task.req.dir != DataDir::Read {
+            *self.refused = Some(format!("Data-In for non-read task {itt:#010x}"));
+            return RecvPlan::Discard;
+        }
+        if offset + dsl > task.req.len as u64 {
+            *self.refused = Some(format!(
+                "Data-In of {dsl} bytes at offset {offset} overflows the {}-byte buffer of task {itt:#010x}",
+                task.req.len
+            ));
+            return RecvPlan::Discard;
+        }
+        let Some(buf) = &task.req.buf else {
+            *self.refused = Some(format!("Data-In for task {itt:#010x} without a buffer"));
+            return RecvPlan::Discard;
+        };
+        let mut iov = Vec::with_capacity(2);
+        let covered = buf.iovecs_range(task.req.offset + offset, dsl, &mut iov);
+        if covered != dsl {
+            *self.refused = Some(format!("task {itt:#010x} buffer shorter than its length"));
+            return RecvPlan::Discard;
+        }
+        RecvPlan::Direct(iov)
+    }
+
+    /// Reads that have received nothing yet, in the order they were sent:
+    /// a target that answers in order (tgt, LIO with a fast backing store)
+    /// sends their Data-In next, one PDU each when it fits.
+    fn expected(&mut self, max: usize, out: &mut Vec<ExpectedDataIn>, iov: &mut Vec<iovec>) {
+        let waiting = |t: Option<&Task>| {
+            t.is_some_and(|t| t.data_in == 0 && !t.aborting && t.req.dir == DataDir::Read)
+        };
+        while let Some(&itt) = self.read_order.front() {
+            if waiting(self.tasks.get(itt)) {
+                break;
+            }
+            self.read_order.pop_front();
+        }
+        for &itt in self.read_order.iter() {
+            if out.len() >= max {
+                break;
+            }
+            let Some(task) = self.tasks.get(itt).filter(|t| waiting(Some(t))) else {
+                continue;
+            };
+            let Some(buf) = &task.req.buf else {
+                continue;
+            };
+            let start = iov.len();
+            let len = task.req.len;
+            if buf.iovecs_range(task.req.offset, u64::from(len), iov) != u64::from(len) {
+                iov.truncate(start);
+                continue;
+            }
+            out.push(ExpectedDataIn {
+                itt,
+                len,
+                iov_start: start,
+                iov_end: iov.len(),
+            });
+        }
+    }
+}
+
 impl Session {
     /// A session over a connection that just completed login.
     pub fn new(mut conn: Box<dyn Transport>, params: SessionParams, start: SessionStart) -> Self {
@@ -229,6 +321,7 @@ impl Session {
             exp_stat_sn: start.exp_stat_sn,
             max_cmd_sn: start.max_cmd_sn,
             tasks: TaskTable::default(),
+            read_order: VecDeque::new(),
             waiting: VecDeque::new(),
             failed: None,
             ready: Vec::new(),
@@ -780,6 +873,9 @@ impl Session {
             data,
             task,
         });
+        if dir == DataDir::Read && len > 0 && !self.conn.places_data() {
+            self.note_read_sent(itt);
+        }
         if unsolicited_out > 0 {
             if let Some(b) = buf {
                 self.queue_data_out(
@@ -793,6 +889,18 @@ impl Session {
                 );
             }
         }
+    }
+
+    /// Records a read command sent, for the transport's read-ahead.
+    fn note_read_sent(&mut self, itt: u32) {
+        if self.read_order.len() >= 2 * crate::iscsi::task::MAX_TASKS {
+            // Finished entries are normally dropped from the front as Data-In
+            // arrives; a target answering out of order can leave them behind.
+            let tasks = &self.tasks;
+            self.read_order
+                .retain(|&i| tasks.get(i).is_some_and(|t| t.data_in == 0));
+        }
+        self.read_order.push_back(itt);
     }
 
     /// Queues Data-Out PDUs for `len` bytes at `buf_off` of the task's data
@@ -838,46 +946,14 @@ impl Session {
 
     /// Receives and handles one PDU. Returns false when nothing is available.
     fn receive_one(&mut self, done: &mut Vec<ScsiResult>) -> Result<bool, SessionError> {
-        let tasks = &mut self.tasks;
         let mut refused: Option<String> = None;
         let received = {
-            let refused = &mut refused;
-            let mut plan = |bhs: &[u8; BHS_LEN]| -> RecvPlan {
-                // Only Data-In goes straight to guest memory; everything else is small.
-                if bhs[0] & 0x3f != 0x25 {
-                    return RecvPlan::Owned;
-                }
-                let itt = u32::from_be_bytes([bhs[16], bhs[17], bhs[18], bhs[19]]);
-                let offset = u32::from_be_bytes([bhs[40], bhs[41], bhs[42], bhs[43]]) as u64;
-                let dsl = u32::from_be_bytes([0, bhs[5], bhs[6], bhs[7]]) as u64;
-                let Some(task) = tasks.get_mut(itt) else {
-                    *refused = Some(format!("Data-In for unknown task {itt:#010x}"));
-                    return RecvPlan::Discard;
-                };
-                if task.req.dir != DataDir::Read {
-                    *refused = Some(format!("Data-In for non-read task {itt:#010x}"));
-                    return RecvPlan::Discard;
-                }
-                if offset + dsl > task.req.len as u64 {
-                    *refused = Some(format!(
-                        "Data-In of {dsl} bytes at offset {offset} overflows the {}-byte buffer of task {itt:#010x}",
-                        task.req.len
-                    ));
-                    return RecvPlan::Discard;
-                }
-                let Some(buf) = &task.req.buf else {
-                    *refused = Some(format!("Data-In for task {itt:#010x} without a buffer"));
-                    return RecvPlan::Discard;
-                };
-                let mut iov = Vec::with_capacity(4);
-                let covered = buf.iovecs_range(task.req.offset + offset, dsl, &mut iov);
-                if covered != dsl {
-                    *refused = Some(format!("task {itt:#010x} buffer shorter than its length"));
-                    return RecvPlan::Discard;
-                }
-                RecvPlan::Direct(iov)
+            let mut planner = DataInPlanner {
+                tasks: &mut self.tasks,
+                read_order: &mut self.read_order,
+                refused: &mut refused,
             };
-            self.conn.recv(&mut plan)
+            self.conn.recv(&mut planner)
         };
         let pdu = match received {
             Ok(Some(p)) => p,
@@ -1332,7 +1408,7 @@ mod tests {
         }
         fn recv(
             &mut self,
-            _plan: &mut dyn FnMut(&[u8; BHS_LEN]) -> RecvPlan,
+            _plan: &mut dyn crate::transport::RecvPlanner,
         ) -> Result<Option<InPdu>, TransportError> {
             let mut w = self.0.lock().unwrap();
             if w.closed {

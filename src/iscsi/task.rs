@@ -144,6 +144,12 @@ impl TaskTable {
     }
 
     /// The task with this ITT, if it is in flight.
+    pub fn get(&self, itt: u32) -> Option<&Task> {
+        let i = self.index(itt)?;
+        self.slots[i].1.as_ref()
+    }
+
+    /// The task with this ITT, to update, if it is in flight.
     pub fn get_mut(&mut self, itt: u32) -> Option<&mut Task> {
         let i = self.index(itt)?;
         self.slots[i].1.as_mut()

@@ -108,11 +108,8 @@ pub trait Transport: Send {
     /// Whether queued PDUs wait for the connection.
     fn has_pending_output(&self) -> bool;
     /// Receives the next complete PDU without blocking (Ok(None): not yet).
-    /// `plan` says, per header with a data segment, where the data goes.
-    fn recv(
-        &mut self,
-        plan: &mut dyn FnMut(&[u8; BHS_LEN]) -> RecvPlan,
-    ) -> Result<Option<InPdu>, TransportError>;
+    /// `planner` says, per header with a data segment, where the data goes.
+    fn recv(&mut self, planner: &mut dyn RecvPlanner) -> Result<Option<InPdu>, TransportError>;
     /// The transport moves command data itself (iSER: the target reads and
     /// writes the buffer named with the command); the session then sends no
     /// Data-Out and accepts no Data-In or R2T.
@@ -161,12 +158,51 @@ pub trait Transport: Send {
     /// Receives one PDU into an owned buffer, waiting up to `deadline` (login phase).
     fn recv_blocking(&mut self, deadline: Instant) -> Result<InPdu, TransportError> {
         loop {
-            if let Some(p) = self.recv(&mut |_| RecvPlan::Owned)? {
+            if let Some(p) = self.recv(&mut |_: &[u8; BHS_LEN]| RecvPlan::Owned)? {
                 return Ok(p);
             }
             self.wait(false, deadline)?;
         }
     }
+}
+
+/// Decides where received data segments go; the session implements it over
+/// its task table (a closure is enough where no read-ahead is wanted).
+pub trait RecvPlanner {
+    /// Where the data segment of the PDU with this header goes. Called once
+    /// per header with a data segment, when the header has arrived.
+    fn plan(&mut self, bhs: &[u8; BHS_LEN]) -> RecvPlan;
+
+    /// The Data-In PDUs the target will most likely send next, oldest first:
+    /// appends up to `max` guesses to `out`, each naming a task and the guest
+    /// buffer its whole data would fill (iovecs appended to `iov`). A
+    /// transport may read these ahead in the same system call as the current
+    /// PDU; it checks every header against its guess and copies out whatever
+    /// landed in the wrong place. Only buffers of commands in flight (that
+    /// the device still owns) may be named. The default guesses nothing.
+    fn expected(&mut self, max: usize, out: &mut Vec<ExpectedDataIn>, iov: &mut Vec<iovec>) {
+        let _ = (max, out, iov);
+    }
+}
+
+impl<F: FnMut(&[u8; BHS_LEN]) -> RecvPlan + ?Sized> RecvPlanner for F {
+    fn plan(&mut self, bhs: &[u8; BHS_LEN]) -> RecvPlan {
+        self(bhs)
+    }
+}
+
+/// A guess of [`RecvPlanner::expected`]: a Data-In carrying all of a read
+/// command's data (offset 0, the whole expected length) in one PDU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExpectedDataIn {
+    /// The command's Initiator Task Tag.
+    pub itt: u32,
+    /// Its expected data length: the guessed DataSegmentLength.
+    pub len: u32,
+    /// Its buffer: `iov[iov_start..iov_end]` of the `iov` passed along.
+    pub iov_start: usize,
+    /// End of its iovecs.
+    pub iov_end: usize,
 }
 
 /// Where the data segment of a received PDU goes.

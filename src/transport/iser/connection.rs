@@ -74,7 +74,7 @@ use super::verbs::{
 };
 use crate::blk::buffer::IoBuffers;
 use crate::transport::{
-    InPdu, OutPdu, PduData, RecvPlan, TaskBuffer, Transport, TransportError, BHS_LEN,
+    InPdu, OutPdu, PduData, RecvPlan, RecvPlanner, TaskBuffer, Transport, TransportError, BHS_LEN,
 };
 
 /// Commands that may await their response at once on one connection.
@@ -1007,10 +1007,7 @@ impl Transport for IserConnection {
         !self.out.is_empty()
     }
 
-    fn recv(
-        &mut self,
-        plan: &mut dyn FnMut(&[u8; BHS_LEN]) -> RecvPlan,
-    ) -> Result<Option<InPdu>, TransportError> {
+    fn recv(&mut self, planner: &mut dyn RecvPlanner) -> Result<Option<InPdu>, TransportError> {
         if self.ready.is_empty() {
             if self.failed.is_some() {
                 return Err(self.error());
@@ -1023,7 +1020,7 @@ impl Transport for IserConnection {
         if data.is_empty() {
             return Ok(Some(InPdu { bhs, data }));
         }
-        match plan(&bhs) {
+        match planner.plan(&bhs) {
             RecvPlan::Owned => Ok(Some(InPdu { bhs, data })),
             RecvPlan::Discard => Ok(Some(InPdu {
                 bhs,
