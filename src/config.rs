@@ -184,6 +184,15 @@ VHOST_ISER_SCATTER               iSER: bounce (default) or split; how a request 
                                  every run is whole blocks (no copy, more commands)
 VHOST_ISER_POLL_US               iSER: microseconds to poll the completion queue
                                  after a completion before sleeping (default 20)
+VHOST_ISER_RING_POLL_US          microseconds a worker watches its avail ring after
+                                 a batch before sleeping (default 20 for the mem: and
+                                 null: targets, 0 for network targets)
+VHOST_ISER_MID_BATCH             mem: and null: targets: hand completions back to the
+                                 guest every N requests of a deep batch (default 16;
+                                 0: only at the end of the batch)
+VHOST_ISER_RECEIVE_BATCH         iSCSI/TCP: most read responses a queue waits for
+                                 before it wakes, at depth (default 16; 1: wake on
+                                 every response); see DATA PATH
 RUST_LOG                         log filter (overrides --log-level)",
     ),
     (
@@ -197,6 +206,18 @@ front-end set up the back-end request channel (QEMU does:
 VHOST_USER_PROTOCOL_F_BACKEND_REQ) sends it a config-change notice, so the
 guest sees the new size at once (Linux logs \"detected capacity change\").
 Without that channel the guest sees it when it next reads the config space.",
+    ),
+    (
+        "DATA PATH",
+        "Over TCP, data moves between the socket and guest memory with readv and
+writev, no copy. One readv takes the current PDU and, ahead, the Data-In
+PDUs of the reads in flight in the order they were sent (each straight into
+its guest buffer); a guess that turns out wrong is copied out and framed
+again. With many commands in flight a queue sets SO_RCVLOWAT to the bytes
+of the next few reads' responses, so it wakes once per batch of responses
+instead of once per response (VHOST_ISER_RECEIVE_BATCH caps the batch; 1
+turns this off). If the responses come back short (failed reads), the
+queue's 100 ms timer takes what arrived and coalescing pauses for 1 s.",
     ),
     (
         "SIGNALS",

@@ -390,3 +390,33 @@ fn target_gone_for_good_fails_after_the_replacement_timeout() {
     assert_ne!(c.read(0, 0, 0, 4096), 0);
     assert!(start.elapsed() < Duration::from_secs(2));
 }
+
+/// Coalesced receive at depth (the backend waits for the bytes of several
+/// reads before waking): when every read fails with a short response, the
+/// bytes it waits for never come. The wait must give up within a timer tick
+/// or two, not hang until the commands time out.
+#[test]
+fn coalesced_wait_gives_up_when_reads_fail_short() {
+    let (t, b, mut c) = setup(false);
+    assert_eq!(write_read(&mut c, 0, 4096, 1), (0, 0, true));
+    t.arm(Misbehave::ReservationConflict, true);
+    let n = 64;
+    let start = Instant::now();
+    for i in 0..n {
+        let p = c.ptr(i * 4096);
+        c.queues[0].read((i * 4096) as u64, p, 4096, i, blkio::ReqFlags::empty());
+    }
+    let done = c.wait(0, n);
+    let took = start.elapsed();
+    assert_eq!(done.len(), n);
+    assert!(done.iter().all(|&(_, ret)| ret != 0), "{done:?}");
+    // The command timeout here is 2 s: a wait that did not give up would end
+    // only through aborts.
+    assert!(
+        took < Duration::from_millis(1000),
+        "{n} failing reads took {took:?}; log:\n{}",
+        b.log()
+    );
+    t.arm(Misbehave::None, false);
+    assert_eq!(write_read(&mut c, 8192, 4096, 2), (0, 0, true));
+}

@@ -187,6 +187,29 @@ pub struct SessionStart {
     pub max_cmd_sn: u32,
 }
 
+/// A coalesced receive (see `Session::update_receive_batch`) that has heard
+/// nothing for this long gives up at the next timer tick.
+const COALESCE_GIVE_UP: Duration = Duration::from_millis(50);
+/// ... and the session does not coalesce again for this long.
+const COALESCE_PAUSE: Duration = Duration::from_secs(1);
+
+/// Environment variable capping how many read responses the transport may
+/// wait for before waking the queue (power of two; 1 turns coalescing off).
+pub const RECEIVE_BATCH_ENV: &str = "VHOST_ISER_RECEIVE_BATCH";
+
+/// The most read responses one wake-up waits for: `$VHOST_ISER_RECEIVE_BATCH`,
+/// else 16.
+fn max_receive_batch() -> usize {
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        std::env::var(RECEIVE_BATCH_ENV)
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .map(|v| v.clamp(1, 256).next_power_of_two())
+            .unwrap_or(16)
+    })
+}
+
 /// One iSCSI session (one connection, ErrorRecoveryLevel 0).
 pub struct Session {
     conn: Box<dyn Transport>,
@@ -200,6 +223,11 @@ pub struct Session {
     /// their Data-In most likely comes back (see [`DataInPlanner::expected`]).
     /// Entries of finished commands are dropped lazily.
     read_order: VecDeque<u32>,
+    /// How many read responses the transport waits for before waking us
+    /// (interrupt coalescing; see [`Session::update_receive_batch`]).
+    batch_reads: usize,
+    /// After a coalesced wait gave up, none until this time.
+    coalesce_after: Option<Instant>,
     /// Commands waiting for the CmdSN window or a free slot.
     waiting: VecDeque<(ScsiCommandReq, u8)>,
     failed: Option<SessionError>,
@@ -322,6 +350,8 @@ impl Session {
             max_cmd_sn: start.max_cmd_sn,
             tasks: TaskTable::default(),
             read_order: VecDeque::new(),
+            batch_reads: 1,
+            coalesce_after: None,
             waiting: VecDeque::new(),
             failed: None,
             ready: Vec::new(),
@@ -378,6 +408,14 @@ impl Session {
     /// the replacement timeout. Results (failures) come out of the next
     /// [`poll`](Self::poll).
     pub fn on_timer(&mut self, now: Instant) {
+        // A coalesced wait that has heard nothing for a while may be waiting
+        // for bytes that will not come (reads that failed with short
+        // responses): take whatever is there now.
+        if self.batch_reads > 1 && now.saturating_duration_since(self.last_rx) >= COALESCE_GIVE_UP {
+            self.batch_reads = 1;
+            self.conn.set_receive_batch(1);
+            self.coalesce_after = Some(now + COALESCE_PAUSE);
+        }
         if self.failed.is_some() {
             let expired = self.lost_at.is_some_and(|t| {
                 now.saturating_duration_since(t) >= self.timeouts.replacement_timeout
@@ -685,7 +723,9 @@ impl Session {
         self.start_waiting();
         if let Err(e) = self.flush() {
             self.fail(e, done);
+            return;
         }
+        self.update_receive_batch();
     }
 
     fn poll_inner(&mut self, done: &mut Vec<ScsiResult>) -> Result<(), SessionError> {
@@ -698,6 +738,7 @@ impl Session {
             self.start_waiting();
             self.flush()?;
             if !got {
+                self.update_receive_batch();
                 return Ok(());
             }
         }
@@ -889,6 +930,51 @@ impl Session {
                 );
             }
         }
+    }
+
+    /// Interrupt coalescing at depth: with many commands in flight, ask the
+    /// transport to wake us only when the Data-In of the next few reads (in
+    /// the order sent) has arrived, rather than for every response. The batch
+    /// grows while commands in flight are at least 8 per batched read and
+    /// shrinks when they fall below 2 per batched read, so it is stable
+    /// under a steady queue depth and never counts on more than half of
+    /// what is in flight. The bytes waited for are those of reads in flight:
+    /// if they succeed, the wait ends. If they fail with short responses, the
+    /// timer tick drops the batch (see [`on_timer`](Self::on_timer)).
+    fn update_receive_batch(&mut self) {
+        let n = self.tasks.len();
+        let mut max = max_receive_batch();
+        if let Some(t) = self.coalesce_after {
+            if Instant::now() < t {
+                max = 1;
+            } else {
+                self.coalesce_after = None;
+            }
+        }
+        let mut k = self.batch_reads.clamp(1, max.max(1));
+        while k < max && n >= 8 * k {
+            k *= 2;
+        }
+        while k > 1 && n < 2 * k {
+            k /= 2;
+        }
+        self.batch_reads = k;
+        let mut bytes = 0usize;
+        if k > 1 {
+            let mut found = 0;
+            for &itt in self.read_order.iter() {
+                if found == k {
+                    break;
+                }
+                if let Some(t) = self.tasks.get(itt) {
+                    if t.data_in == 0 && !t.aborting && t.req.dir == DataDir::Read {
+                        bytes += BHS_LEN + t.req.len as usize;
+                        found += 1;
+                    }
+                }
+            }
+        }
+        self.conn.set_receive_batch(bytes.max(1));
     }
 
     /// Records a read command sent, for the transport's read-ahead.

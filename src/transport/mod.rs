@@ -116,6 +116,13 @@ pub trait Transport: Send {
     fn places_data(&self) -> bool {
         false
     }
+    /// Wake the receiver only once at least `bytes` have arrived (1: on any
+    /// byte). A hint for interrupt coalescing: the session passes the bytes
+    /// that responses it is sure to get will bring, so waiting never stalls
+    /// while they succeed. The default ignores it.
+    fn set_receive_batch(&mut self, bytes: usize) {
+        let _ = bytes;
+    }
     /// Waits until the connection may make progress (login phase), or the deadline.
     fn wait(&mut self, writable: bool, deadline: Instant) -> Result<(), TransportError> {
         let left = deadline.saturating_duration_since(Instant::now());

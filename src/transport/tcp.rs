@@ -265,6 +265,8 @@ pub struct TcpConnection {
     discard: Box<[u8]>,
     /// readv calls on the socket (the read-ahead's measure of success).
     socket_reads: u64,
+    /// The socket's SO_RCVLOWAT (see [`Transport::set_receive_batch`]).
+    rcvlowat: usize,
 }
 
 // SAFETY: the raw pointers held in iovecs point into buffers owned by queued
@@ -299,6 +301,7 @@ impl TcpConnection {
                         // Allocated on first use: most connections never discard data.
                         discard: Box::default(),
                         socket_reads: 0,
+                        rcvlowat: 1,
                     });
                 }
                 Err(e) => last = e,
@@ -321,6 +324,31 @@ impl TcpConnection {
     /// Largest data segment we accept (our MaxRecvDataSegmentLength).
     pub fn set_max_recv_data(&mut self, max: u32) {
         self.max_recv_data = max;
+    }
+
+    /// Sets SO_RCVLOWAT: epoll reports the socket readable once `bytes` are
+    /// queued (reads still take whatever is there). Only changes cost a
+    /// system call.
+    pub fn set_receive_batch(&mut self, bytes: usize) {
+        let bytes = bytes.clamp(1, i32::MAX as usize);
+        if bytes == self.rcvlowat {
+            return;
+        }
+        let v = bytes as libc::c_int;
+        // SAFETY: a valid socket and a c_int option value of the right size.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        // On failure the mark stays as it was and the next call tries again.
+        if rc == 0 {
+            self.rcvlowat = bytes;
+        }
     }
 
     /// How many times the socket was read so far.
@@ -971,6 +999,9 @@ impl Transport for TcpConnection {
     }
     fn has_pending_output(&self) -> bool {
         TcpConnection::has_pending_output(self)
+    }
+    fn set_receive_batch(&mut self, bytes: usize) {
+        TcpConnection::set_receive_batch(self, bytes)
     }
     fn recv(&mut self, planner: &mut dyn RecvPlanner) -> Result<Option<InPdu>, TransportError> {
         TcpConnection::recv(self, planner)
