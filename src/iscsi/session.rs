@@ -935,10 +935,10 @@ impl Session {
     /// Interrupt coalescing at depth: with many commands in flight, ask the
     /// transport to wake us only when the Data-In of the next few reads (in
     /// the order sent) has arrived, rather than for every response. The batch
-    /// grows while commands in flight are at least 8 per batched read and
-    /// shrinks when they fall below 2 per batched read, so it is stable
-    /// under a steady queue depth and never counts on more than half of
-    /// what is in flight. The bytes waited for are those of reads in flight:
+    /// doubles while commands in flight are at least 4 per batched read and
+    /// halves when they fall below 2 per batched read, so it is stable under
+    /// a steady queue depth (8 at QD32) and never counts on more than half
+    /// of what is in flight. The bytes waited for are those of reads in flight:
     /// if they succeed, the wait ends. If they fail with short responses, the
     /// timer tick drops the batch (see [`on_timer`](Self::on_timer)).
     fn update_receive_batch(&mut self) {
@@ -952,7 +952,7 @@ impl Session {
             }
         }
         let mut k = self.batch_reads.clamp(1, max.max(1));
-        while k < max && n >= 8 * k {
+        while k < max && n >= 4 * k {
             k *= 2;
         }
         while k > 1 && n < 2 * k {
