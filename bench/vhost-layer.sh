@@ -3,7 +3,7 @@
 # mem: with --iser-target mem) against qemu-storage-daemon's null-co vhost-user-blk export, driven by the same libblkio client
 # (bench/loadgen) with the same jobs, interleaved in one run. See bench/README.md.
 #
-# Writes bench/results/vhost-layer.json and prints a markdown section to stdout; progress goes
+# Writes bench/results/vhost-layer.json and .md (also printed to stdout); progress goes
 # to stderr. Exit status: 0 all jobs ran, 1 a job failed or returned I/O errors, 2 usage or
 # setup error (e.g. vhost-iser is not built or does not support --target null:).
 set -euo pipefail
@@ -265,6 +265,6 @@ json.dump({
 }, open(sys.argv[1], "w"), indent=1)
 EOF
 mkdir -p "$(dirname "$out")"
-python3 "$here/lib/report.py" render "$runs" "$work/meta.json" "$out"
-log "wrote $out"
+python3 "$here/lib/report.py" render "$runs" "$work/meta.json" "$out" | tee "${out%.json}.md"
+log "wrote $out and ${out%.json}.md"
 exit "$failed"

@@ -130,6 +130,46 @@ def main():
     write('iser_message', 'cm-isert', bytes([0x80, 0, 0, 0]) + bytes(52))
     write('iser_message', 'cm-linux-initiator', bytes([0xc0, 0, 0, 0]))
 
+    # tcp_stream: byte 0 = digests (bit 0) and piece sizes, then what a target
+    # sends: Data-In for the four reads in flight (ITT 1-4: 4096, 512, 1000
+    # and 8192 bytes) in and out of order, split, and mixed with responses.
+    def data_in(itt, data, off=0, final=True, digests=False):
+        rest = (0xffffffff).to_bytes(4, 'big') + seq() + (0).to_bytes(4, 'big') + \
+            off.to_bytes(4, 'big')
+        h = bhs(0x25, 0x81 if final else 0x00, len(data), itt=itt, rest=rest)
+        return frame(h, data, digests)
+
+    def frame(h, data, digests):
+        out = h + (crc32c(h).to_bytes(4, 'little') if digests else b'')
+        if data:
+            out += pad(data) + (crc32c(pad(data)).to_bytes(4, 'little') if digests else b'')
+        return out
+
+    lens = {1: 4096, 2: 512, 3: 1000, 4: 8192}
+    fill = {i: bytes((i * 7 + j) & 0xff for j in range(n)) for i, n in lens.items()}
+    for digests in (False, True):
+        tag = '-digests' if digests else ''
+        flag = bytes([0x11 if digests else 0x10])
+        write('tcp_stream', 'in-order' + tag,
+              flag + b''.join(data_in(i, fill[i], digests=digests) for i in (1, 2, 3, 4)))
+        write('tcp_stream', 'out-of-order' + tag,
+              flag + b''.join(data_in(i, fill[i], digests=digests) for i in (3, 1, 4, 2)))
+        mixed = data_in(1, fill[1][:2048], final=False, digests=digests) + \
+            frame(bhs(0x20, 0x80, itt=0xffffffff, rest=(0x1234).to_bytes(4, 'big') + seq()), b'', digests) + \
+            data_in(1, fill[1][2048:], off=2048, digests=digests) + \
+            frame(bhs(0x21, 0x80, 18, itt=2, rest=bytes(4) + seq()), bytes([0, 16, 0x70]) + bytes(15), digests) + \
+            data_in(3, fill[3], digests=digests)
+        write('tcp_stream', 'mixed' + tag, flag + mixed)
+
+
+def crc32c(data):
+    crc = 0xffffffff
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82f63b78 if crc & 1 else 0)
+    return crc ^ 0xffffffff
+
 
 if __name__ == '__main__':
     main()

@@ -91,6 +91,50 @@ def peak_anon_mib(r):
     return peak_mib(r, "Anonymous")
 
 
+def targets_table(table, jobs):
+    """The backend-core issue's targets against the measured ratios: one queue
+    IOPS >= 2x qsd at QD 1/32/128, CPU per I/O <= 0.5x qsd, Private_Dirty <= 8 MiB
+    with 4 queues. Lines of markdown (none when a backend is missing)."""
+    pairs = []
+    for job in jobs:
+        a = table.get((job, RATIO_OF[0]))
+        q = table.get((job, RATIO_OF[1]))
+        if a and q and not a.get("error") and not q.get("error"):
+            pairs.append((job, a, q))
+    if not pairs:
+        return []
+
+    def rat(x, y):
+        return x / y if x is not None and y else None
+
+    def met(n, of):
+        return "met" if n == of else f"met in {n} of {of}"
+
+    out = ["", "Targets (backend-core issue):", "",
+           "| target | measured | met? |", "|---|---|---|"]
+    one_q = [(j, rat(a["iops"], q["iops"])) for j, a, q in pairs if j[1] == 1]
+    if one_q:
+        n = sum(1 for _, v in one_q if v is not None and v >= 2)
+        out.append("| 1 queue IOPS ≥ 2× qsd at every depth | "
+                   + ", ".join(f"QD{j[2]} {v:.2f}×" for j, v in one_q if v is not None)
+                   + f" | {met(n, len(one_q))} |")
+    cpu = [(j, rat(a.get("backend_cpu_s_per_mio"), q.get("backend_cpu_s_per_mio")))
+           for j, a, q in pairs]
+    cpu = [(j, v) for j, v in cpu if v is not None]
+    if cpu:
+        n = sum(1 for _, v in cpu if v <= 0.5)
+        out.append("| backend CPU per I/O ≤ 0.5× qsd | "
+                   + ", ".join(f"{j[0]}: {v:.2f}×" for j, v in cpu)
+                   + f" | {met(n, len(cpu))} |")
+    four = [peak_priv_mib(a) for j, a, _ in pairs if j[1] == 4]
+    four = [m for m in four if m is not None]
+    if four:
+        worst = max(four)
+        out.append(f"| Private_Dirty ≤ 8 MiB with 4 queues | {worst:.1f} MiB at most | "
+                   f"{'met' if worst <= 8 else 'NOT met'} |")
+    return out
+
+
 def render(runs_path, meta_path, out_path):
     with open(runs_path) as f:
         runs = [json.loads(line) for line in f if line.strip()]
@@ -175,6 +219,7 @@ def render(runs_path, meta_path, out_path):
                        f"{ratio(a['backend_cpu_s_per_mio'], q['backend_cpu_s_per_mio'])} | "
                        f"{ratio(peak_priv_mib(a), peak_priv_mib(q))} | "
                        f"{ratio(peak_anon_mib(a), peak_anon_mib(q))} |")
+    out.extend(targets_table(table, jobs))
     # Where the client's memory shows up in the backend: evidence for the README's claim.
     out.append("")
     out.append("Client memory (libblkio memfd buffers and rings) as seen in each backend's "

@@ -5,7 +5,7 @@
 
 Replaces what is between `<!-- BEGIN name -->` and `<!-- END name -->`: `targets` (the
 targets table of results/iscsi-tcp.md), `vhost-layer` (the ratio table of
-results/vhost-layer.md), `iscsi-tcp` (all of results/iscsi-tcp.md but its heading);
+results/vhost-layer.md), `vhost-targets` (its targets table), `iscsi-tcp` (all of results/iscsi-tcp.md but its heading);
 and `<!-- T:run -->...` with the date line of the iSCSI/TCP run. Hand-written text is kept.
 """
 import os
@@ -29,6 +29,8 @@ def main():
         "vhost-layer": between(vlayer, "| job | IOPS | p50 |", "\n\n"),
         "iscsi-tcp": iscsi.split("\n", 1)[1].strip(),
     }
+    if "| target | measured | met? |" in vlayer:
+        parts["vhost-targets"] = between(vlayer, "| target | measured | met? |", "\n\n")
     text = open(page).read()
     for name, body in parts.items():
         text = re.sub(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)",

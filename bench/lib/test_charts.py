@@ -9,6 +9,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import charts  # noqa: E402
+import report  # noqa: E402
 import results_page  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata")
@@ -60,6 +61,32 @@ class LoadPoints(unittest.TestCase):
 
 
 class ResultsPage(unittest.TestCase):
+    def test_vhost_layer_targets_from_recorded_rows(self):
+        import json
+        with open(os.path.join(os.path.dirname(__file__), "testdata", "vhost-layer.json")) as f:
+            summary = json.load(f)["summary"]
+        jobs, table = [], {}
+        for r in summary:
+            key = (r["job"], r["queues"], r["iodepth"])
+            if key not in jobs:
+                jobs.append(key)
+            # The run record's shape, from the summary row.
+            mem = {"peak": {"Private_Dirty": r["backend_private_dirty_peak_mib"] * 1024}}
+            table[(key, r["backend"])] = dict(r, backend_mem_kib=mem)
+        lines = report.targets_table(table, jobs)
+        text = "\n".join(lines)
+        self.assertIn("| 1 queue IOPS ≥ 2× qsd at every depth | QD1 ", text)
+        self.assertIn("| backend CPU per I/O ≤ 0.5× qsd |", text)
+        # (The recorded run has one-queue jobs only: no memory row.)
+        self.assertNotIn("4 queues", text)
+        # Every row says whether it is met, and the verdicts follow the numbers.
+        for row in lines[5:]:
+            self.assertRegex(row, r"\| (met|met in \d+ of \d+|NOT met) \|$")
+        # A ratio below 2 at one depth cannot be reported as met.
+        q = table[(jobs[0], "qsd")]
+        table[(jobs[0], "vhost-iser")] = dict(table[(jobs[0], "vhost-iser")], iops=q["iops"])
+        self.assertNotIn("| met |", report.targets_table(table, jobs)[5])
+
     def test_between_finds_the_table(self):
         text = "x\n| a | b |\n|---|---|\n| 1 | 2 |\n\nafter"
         self.assertEqual(results_page.between(text, "| a | b |", "\n\n"), "| a | b |\n|---|---|\n| 1 | 2 |")
