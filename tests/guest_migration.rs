@@ -139,6 +139,17 @@ fn differing_pages(a: &[u8], b: &[u8]) -> Vec<String> {
         .collect()
 }
 
+/// The TCG accelerator option: `tcg`, or `tcg,thread=single` with
+/// `VI_TCG_THREAD=single` (one thread runs the guest CPU and the migration
+/// under one lock; multi-threaded TCG is the suspect in the lost writes
+/// described in the module docs).
+fn tcg_accel() -> String {
+    match std::env::var("VI_TCG_THREAD") {
+        Ok(t) if t == "single" || t == "multi" => format!("tcg,thread={t}"),
+        _ => "tcg".to_string(),
+    }
+}
+
 /// One QEMU process: console in a file, QMP on a unix socket; killed on drop.
 struct Qemu {
     child: Child,
@@ -164,7 +175,9 @@ impl Qemu {
         let mem = format!("{GUEST_MIB}M");
         let child = Command::new(qemu)
             .args(["-nodefaults", "-no-user-config", "-display", "none"])
-            .args(["-no-reboot", "-accel", "tcg", "-cpu", "max", "-smp", "1"])
+            .arg("-no-reboot")
+            .args(["-accel", &tcg_accel()])
+            .args(["-cpu", "max", "-smp", "1"])
             .arg("-object")
             .arg(format!("memory-backend-memfd,id=mem,size={mem},share=on"))
             .args(["-machine", "q35,memory-backend=mem", "-m", &mem])
