@@ -61,8 +61,8 @@ Examples:
 
 const CONFIG_HELP: &str = "\
 Read options from a TOML file. Keys are the long option names:
-socket, target, queues, queue-size, read-only, serial, log-level, initiator-name,
-portal (an array), path-policy, chap-user, chap-secret-file, target-chap-user,
+socket, target, queues, threads, queue-size, read-only, serial, log-level,
+initiator-name, portal (an array), path-policy, chap-user, chap-secret-file, target-chap-user,
 target-chap-secret-file, digests, chap-sha256, timeouts, metrics.
 Options on the command line override the file. Relative paths are relative to the
 file's directory. Secrets are refused: name a file holding them (chap-secret-file).
@@ -120,7 +120,7 @@ vhost-iser discover --portal HOST[:PORT] [--initiator-name IQN]
     (
         "CONFIGURATION FILE",
         "--config FILE reads TOML; the keys are the long option names:
-  socket, target, queues, queue-size, read-only, serial, log-level,
+  socket, target, queues, threads, queue-size, read-only, serial, log-level,
   initiator-name, portal (an array of \"host:port\"), path-policy, chap-user,
   chap-secret-file, target-chap-user, target-chap-secret-file, digests,
   chap-sha256, timeouts, metrics.
@@ -384,9 +384,14 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PATH", help_heading = "Device")]
     pub socket: Option<PathBuf>,
 
-    /// Number of virtqueues, each with its own worker thread and iSCSI session [default: 1].
+    /// Number of virtqueues, each with its own iSCSI session [default: 1].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64), help_heading = "Device")]
     pub queues: Option<u16>,
+
+    /// Worker threads; the queues are spread over them round robin
+    /// [default: one per queue].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64), help_heading = "Device")]
+    pub threads: Option<u16>,
 
     /// Largest virtqueue size the frontend may choose, a power of two [default: 256].
     #[arg(long, value_name = "N", help_heading = "Device")]
@@ -470,6 +475,8 @@ pub struct Options {
     pub target: String,
     /// Number of queues.
     pub queues: u16,
+    /// Worker threads (at most `queues`).
+    pub threads: u16,
     /// Largest queue size.
     pub queue_size: u16,
     /// Read-only device.
@@ -532,10 +539,11 @@ pub enum ConfigError {
 }
 
 /// Every key the config file accepts.
-pub const KEYS: [&str; 18] = [
+pub const KEYS: [&str; 19] = [
     "socket",
     "target",
     "queues",
+    "threads",
     "queue-size",
     "read-only",
     "serial",
@@ -560,6 +568,7 @@ struct FileConfig {
     socket: Option<PathBuf>,
     target: Option<String>,
     queues: Option<Spanned<i64>>,
+    threads: Option<Spanned<i64>>,
     queue_size: Option<Spanned<i64>>,
     read_only: Option<bool>,
     serial: Option<String>,
@@ -678,6 +687,12 @@ pub fn parse_file(text: &str, path: &Path) -> Result<ServeArgs, ConfigError> {
         &|n| (1..=64).contains(&n),
         "must be between 1 and 64",
     )?;
+    let threads = ranged(
+        "threads",
+        &f.threads,
+        &|n| (1..=64).contains(&n),
+        "must be between 1 and 64",
+    )?;
     let queue_size = ranged(
         "queue-size",
         &f.queue_size,
@@ -743,6 +758,7 @@ pub fn parse_file(text: &str, path: &Path) -> Result<ServeArgs, ConfigError> {
         config: None,
         socket: f.socket.map(rel),
         queues,
+        threads,
         queue_size,
         read_only: f.read_only,
         serial: f.serial,
@@ -787,6 +803,7 @@ impl ServeArgs {
             config: self.config.or(file.config),
             socket: self.socket.or(file.socket),
             queues: self.queues.or(file.queues),
+            threads: self.threads.or(file.threads),
             queue_size: self.queue_size.or(file.queue_size),
             read_only: self.read_only.or(file.read_only),
             serial: self.serial.or(file.serial),
@@ -831,6 +848,10 @@ impl ServeArgs {
             socket: self.socket.ok_or(ConfigError::Missing("socket"))?,
             target: self.target.ok_or(ConfigError::Missing("target"))?,
             queues: self.queues.unwrap_or(1),
+            threads: {
+                let queues = self.queues.unwrap_or(1);
+                self.threads.unwrap_or(queues).min(queues)
+            },
             queue_size: self.queue_size.unwrap_or(256),
             read_only: self.read_only.unwrap_or(false),
             serial: self.serial,
@@ -884,6 +905,7 @@ impl Options {
     pub fn device_options(&self) -> DeviceOptions {
         DeviceOptions {
             num_queues: self.queues as usize,
+            threads: self.threads as usize,
             queue_size: self.queue_size as usize,
             read_only: self.read_only,
             serial: self.serial.clone(),
@@ -906,7 +928,7 @@ mod tests {
         // Every key in KEYS parses (so the hint list is not stale).
         for k in KEYS {
             let v = match k {
-                "queues" => "2",
+                "queues" | "threads" => "2",
                 "queue-size" => "128",
                 "read-only" | "chap-sha256" => "true",
                 "portal" => "[\"h:1\"]",

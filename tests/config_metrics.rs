@@ -44,6 +44,7 @@ fn config_file_round_trip_and_command_line_override() {
 socket = "vm1.sock"
 target = "iscsi://vm1@192.0.2.10/iqn.2003-01.org.example:store/0"
 queues = 4
+threads = 2
 queue-size = 128
 read-only = true
 serial = "VM1DISK"
@@ -69,6 +70,7 @@ metrics = "unix:vm1.metrics"
         socket: base.join("vm1.sock"),
         target: "iscsi://vm1@192.0.2.10/iqn.2003-01.org.example:store/0".into(),
         queues: 4,
+        threads: 2,
         queue_size: 128,
         read_only: true,
         serial: Some("VM1DISK".into()),

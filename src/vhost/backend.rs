@@ -39,8 +39,10 @@ const STOP_RING_TIMEOUT: Duration = Duration::from_secs(60);
 /// Device options from the command line or config file.
 #[derive(Clone, Debug)]
 pub struct DeviceOptions {
-    /// Number of virtqueues (one worker thread each).
+    /// Number of virtqueues.
     pub num_queues: usize,
+    /// Worker threads: queue `q` runs on thread `q % threads` (1..=num_queues).
+    pub threads: usize,
     /// Largest virtqueue size the frontend may pick.
     pub queue_size: usize,
     /// Refuse writes even if the target allows them.
@@ -131,6 +133,8 @@ impl DeviceNotifier for ConfigChanges {
 pub struct BlkBackend {
     info: DeviceInfo,
     num_queues: usize,
+    /// Worker threads; queue `q` is served by thread `q % threads`.
+    threads: usize,
     queue_size: usize,
     seg_max: u32,
     features: u64,
@@ -151,6 +155,12 @@ impl BlkBackend {
             return Err(DeviceError::BadOption(format!(
                 "queues must be between 1 and 64, got {}",
                 opts.num_queues
+            )));
+        }
+        if opts.threads == 0 || opts.threads > opts.num_queues {
+            return Err(DeviceError::BadOption(format!(
+                "threads must be between 1 and the number of queues ({}), got {}",
+                opts.num_queues, opts.threads
             )));
         }
         if !opts.queue_size.is_power_of_two() || !(4..=32768).contains(&opts.queue_size) {
@@ -213,6 +223,7 @@ impl BlkBackend {
         Ok(BlkBackend {
             info,
             num_queues: opts.num_queues,
+            threads: opts.threads,
             queue_size: opts.queue_size,
             seg_max,
             features,
@@ -390,7 +401,13 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.num_queues).map(|i| 1u64 << i).collect()
+        (0..self.threads)
+            .map(|t| {
+                (t..self.num_queues)
+                    .step_by(self.threads)
+                    .fold(0u64, |m, q| m | 1 << q)
+            })
+            .collect()
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -440,15 +457,27 @@ impl VhostUserBackend for BlkBackend {
         vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
-        // One queue per thread: the thread's only vring is queue `thread_id`.
-        let Some(vring) = vrings.first() else {
+        // Thread t serves queues t, t + threads, t + 2 * threads, ...; its
+        // vrings come in that order, and a kick arrives as the position of
+        // the vring in that list. A target's events carry the queue number.
+        let ev = device_event as usize;
+        let (queue, kick) = if ev < self.num_queues {
+            (thread_id + ev * self.threads, true)
+        } else if ev > self.num_queues {
+            (ev - self.num_queues - 1, false)
+        } else {
             return Ok(());
         };
-        let ev = device_event as usize;
-        let mut worker = self.worker(thread_id);
-        if ev < self.num_queues {
+        if queue >= self.num_queues || queue % self.threads != thread_id {
+            return Ok(());
+        }
+        let Some(vring) = vrings.get(queue / self.threads) else {
+            return Ok(());
+        };
+        let mut worker = self.worker(queue);
+        if kick {
             worker.process_queue(vring, self.event_idx.load(Ordering::Relaxed));
-        } else if ev as u64 == self.target_event_id(thread_id) {
+        } else {
             worker.process_target(vring);
         }
         Ok(())
@@ -476,7 +505,10 @@ pub fn serve(backend: Arc<BlkBackend>, socket: &Path) -> Result<(), DeviceError>
         )
         .map_err(|e| err(format!("cannot create the device: {e}")))?;
         let handlers = daemon.get_epoll_handlers();
-        for (i, handler) in handlers.iter().enumerate() {
+        for i in 0..backend.num_queues {
+            let Some(handler) = handlers.get(i % backend.threads) else {
+                continue;
+            };
             if let Some(fd) = backend.worker(i).target_fd() {
                 handler
                     .register_listener(fd, EventSet::IN, backend.target_event_id(i))
