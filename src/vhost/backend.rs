@@ -204,7 +204,7 @@ impl BlkBackend {
             let q = target
                 .open_queue(index)
                 .map_err(|source| DeviceError::OpenQueue { index, source })?;
-            let w = QueueWorker::new(
+            let mut w = QueueWorker::new(
                 index,
                 q,
                 limits.clone(),
@@ -212,6 +212,7 @@ impl BlkBackend {
                 writeback.clone(),
                 dirty_log.clone(),
             );
+            w.set_shares_thread(opts.threads < opts.num_queues);
             stats.push(w.stats());
             workers.push(Mutex::new(w));
         }

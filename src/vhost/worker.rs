@@ -153,6 +153,9 @@ pub struct QueueWorker {
     /// The inflight region arrived: check it for requests a previous
     /// back-end left in flight before taking new ones.
     recover_pending: bool,
+    /// The worker thread serves other queues too (`--threads` below
+    /// `--queues`): no ring polling.
+    shares_thread: bool,
 }
 
 impl QueueWorker {
@@ -185,7 +188,13 @@ impl QueueWorker {
             stats: Arc::new(QueueStats::default()),
             inflight: None,
             recover_pending: false,
+            shares_thread: false,
         }
+    }
+
+    /// Tells the worker its thread serves other queues too (no ring polling).
+    pub fn set_shares_thread(&mut self, shares: bool) {
+        self.shares_thread = shares;
     }
 
     /// The queue's counters.
@@ -266,7 +275,9 @@ impl QueueWorker {
     /// Spins up to [`RING_POLL`] for new available descriptors; true if some came.
     fn ring_poll_window(&self, vring: &Vring, mem: &GuestMemoryAtomic<GuestMemoryMmap>) -> bool {
         let window = ring_poll(self.target.event_fd().is_none());
-        if window.is_zero() {
+        // A thread that serves other queues too must not spin on this one's
+        // ring while their kicks wait.
+        if window.is_zero() || self.shares_thread {
             return false;
         }
         let snapshot = mem.memory();
