@@ -228,6 +228,12 @@ pub struct Session {
     batch_reads: usize,
     /// After a coalesced wait gave up, none until this time.
     coalesce_after: Option<Instant>,
+    /// When coalescing last started (the give-up counts from here or the
+    /// last PDU, whichever is later).
+    batch_raised_at: Instant,
+    /// Why the planner refused a PDU's data (kept until that PDU is handed
+    /// out, which may be several receive calls later).
+    refused: Option<String>,
     /// Commands waiting for the CmdSN window or a free slot.
     waiting: VecDeque<(ScsiCommandReq, u8)>,
     failed: Option<SessionError>,
@@ -306,7 +312,9 @@ impl RecvPlanner for DataInPlanner<'_> {
             }
             self.read_order.pop_front();
         }
-        for &itt in self.read_order.iter() {
+        // Bounded: reads answered out of order leave finished entries behind
+        // the first waiting one.
+        for &itt in self.read_order.iter().take(4 * max + 64) {
             if out.len() >= max {
                 break;
             }
@@ -352,6 +360,8 @@ impl Session {
             read_order: VecDeque::new(),
             batch_reads: 1,
             coalesce_after: None,
+            batch_raised_at: Instant::now(),
+            refused: None,
             waiting: VecDeque::new(),
             failed: None,
             ready: Vec::new(),
@@ -411,7 +421,8 @@ impl Session {
         // A coalesced wait that has heard nothing for a while may be waiting
         // for bytes that will not come (reads that failed with short
         // responses): take whatever is there now.
-        if self.batch_reads > 1 && now.saturating_duration_since(self.last_rx) >= COALESCE_GIVE_UP {
+        let quiet_since = self.last_rx.max(self.batch_raised_at);
+        if self.batch_reads > 1 && now.saturating_duration_since(quiet_since) >= COALESCE_GIVE_UP {
             self.batch_reads = 1;
             self.conn.set_receive_batch(1);
             self.coalesce_after = Some(now + COALESCE_PAUSE);
@@ -958,21 +969,31 @@ impl Session {
         while k > 1 && n < 2 * k {
             k /= 2;
         }
+        let was = self.batch_reads;
         self.batch_reads = k;
         let mut bytes = 0usize;
         if k > 1 {
-            let mut found = 0;
-            for &itt in self.read_order.iter() {
+            let (mut found, mut largest) = (0, 0);
+            for &itt in self.read_order.iter().take(4 * k + 64) {
                 if found == k {
                     break;
                 }
                 if let Some(t) = self.tasks.get(itt) {
                     if t.data_in == 0 && !t.aborting && t.req.dir == DataDir::Read {
-                        bytes += BHS_LEN + t.req.len as usize;
+                        let pdu = BHS_LEN + t.req.len as usize;
+                        bytes += pdu;
+                        largest = largest.max(pdu);
                         found += 1;
                     }
                 }
             }
+            // Part of one response may already be in: the transport may be in
+            // the middle of any PDU. Count one fewer, so the wait always ends
+            // when these reads are answered.
+            bytes -= largest;
+        }
+        if k > 1 && was <= 1 {
+            self.batch_raised_at = Instant::now();
         }
         self.conn.set_receive_batch(bytes.max(1));
     }
@@ -1032,12 +1053,11 @@ impl Session {
 
     /// Receives and handles one PDU. Returns false when nothing is available.
     fn receive_one(&mut self, done: &mut Vec<ScsiResult>) -> Result<bool, SessionError> {
-        let mut refused: Option<String> = None;
         let received = {
             let mut planner = DataInPlanner {
                 tasks: &mut self.tasks,
                 read_order: &mut self.read_order,
-                refused: &mut refused,
+                refused: &mut self.refused,
             };
             self.conn.recv(&mut planner)
         };
@@ -1047,7 +1067,9 @@ impl Session {
             Err(e) => return Err(self.lost(e)),
         };
         self.last_rx = Instant::now();
-        if let Some(reason) = refused {
+        // A refusal is made when a header arrives; its PDU may be handed out
+        // by a later call, once its data has been read (and discarded).
+        if let Some(reason) = self.refused.take() {
             return Err(self.violation(reason));
         }
         let decoded = TargetPdu::decode(&pdu.bhs)

@@ -12,8 +12,12 @@
 //! its pad and digest, and finally one more header. A stream of Data-In
 //! PDUs then costs one system call per batch. Each guess is checked against
 //! the header that actually arrived; from the first wrong one on, the bytes
-//! (which landed in buffers of commands still in flight, so no harm done)
-//! are copied out and framed again from the copy.
+//! are copied out, zeroed where they landed (buffers of reads still in
+//! flight, which must not keep another read's data), and framed again from
+//! the copy. A guessed PDU cut short by the end of the read is treated the
+//! same way: the rest of it is planned only after the PDUs before it have
+//! reached the session, which may have ended that read meanwhile. No two
+//! guesses, and no guess and the PDU being received, name overlapping memory.
 
 use std::collections::VecDeque;
 use std::io;
@@ -141,6 +145,9 @@ struct RecvState {
     slot_hdrs: Vec<[u8; BHS_LEN + DIGEST_LEN]>,
     slot_trailers: Vec<[u8; 3 + DIGEST_LEN]>,
     slots: Vec<Slot>,
+    /// Guest memory a read-ahead already names (start, end), so that no
+    /// two parts of one read land in the same bytes.
+    taken: Vec<(usize, usize)>,
 }
 
 impl RecvState {
@@ -166,6 +173,7 @@ impl RecvState {
             slot_hdrs: Vec::new(),
             slot_trailers: Vec::new(),
             slots: Vec::new(),
+            taken: Vec::new(),
         }
     }
 
@@ -211,6 +219,25 @@ fn gather(iov: &[iovec], mut skip: usize, mut len: usize, out: &mut Vec<u8>) {
         // skip + n stays inside it.
         let s = unsafe { std::slice::from_raw_parts(v.iov_base.cast::<u8>().add(skip), n) };
         out.extend_from_slice(s);
+        len -= n;
+        skip = 0;
+    }
+}
+
+/// Zeroes `len` bytes, starting `skip` bytes into the area `iov` describes.
+fn zero(iov: &[iovec], mut skip: usize, mut len: usize) {
+    for v in iov {
+        if len == 0 {
+            break;
+        }
+        if skip >= v.iov_len {
+            skip -= v.iov_len;
+            continue;
+        }
+        let n = (v.iov_len - skip).min(len);
+        // SAFETY: as in `gather`; memory we may write (our buffers, or guest
+        // buffers of commands in flight, which readv just wrote).
+        unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>().add(skip), 0, n) };
         len -= n;
         skip = 0;
     }
@@ -319,6 +346,12 @@ impl TcpConnection {
     pub fn set_digests(&mut self, header: bool, data: bool) {
         self.header_digest = header;
         self.data_digest = data;
+        // A header that already arrived (read along with the last login
+        // response) is as long as the new setting says.
+        let r = &mut self.recv;
+        if !r.in_data && r.hdr_got >= BHS_LEN {
+            r.hdr_len = BHS_LEN + r.hdr[4] as usize * 4 + if header { DIGEST_LEN } else { 0 };
+        }
     }
 
     /// Largest data segment we accept (our MaxRecvDataSegmentLength).
@@ -773,6 +806,18 @@ impl TcpConnection {
             r.slot_hdrs.resize(n_slots, [0u8; BHS_LEN + DIGEST_LEN]);
             r.slot_trailers.resize(n_slots, [0u8; 3 + DIGEST_LEN]);
         }
+        // Guest buffers may overlap (two reads into one buffer are legal):
+        // bytes of one PDU must never land where another part of the same
+        // read goes, or a wrong guess would hand one read's data to another.
+        r.taken.clear();
+        if r.in_data {
+            if let DataDest::Direct(d) = &r.dest {
+                r.taken.extend(d.iter().map(|v| {
+                    let a = v.iov_base as usize;
+                    (a, a + v.iov_len)
+                }));
+            }
+        }
         let mut pos = want;
         let mut budget = MAX_READ_AHEAD;
         for (gi, g) in r.guesses.iter().enumerate().take(MAX_GUESSES) {
@@ -790,6 +835,17 @@ impl TcpConnection {
             {
                 break;
             }
+            let overlaps = data.iter().any(|v| {
+                let (a, b) = (v.iov_base as usize, v.iov_base as usize + v.iov_len);
+                r.taken.iter().any(|&(x, y)| a < y && x < b)
+            });
+            if overlaps {
+                break;
+            }
+            r.taken.extend(data.iter().map(|v| {
+                let a = v.iov_base as usize;
+                (a, a + v.iov_len)
+            }));
             let k = slots.len();
             iov.push(iovec {
                 iov_base: r.slot_hdrs[k].as_mut_ptr().cast(),
@@ -891,10 +947,7 @@ impl TcpConnection {
             let Some(plan) = plan else {
                 // Another PDU came first: its bytes went to the guessed
                 // buffer. Keep them (and all after) to be read again.
-                let r = &mut self.recv;
-                r.replay.clear();
-                r.replay_pos = 0;
-                gather(iov, slot.start, got, &mut r.replay);
+                self.set_aside(iov, slot.start, got);
                 return Ok(());
             };
             let after = got - hl;
@@ -908,10 +961,7 @@ impl TcpConnection {
                 if !digest_ok {
                     // Framed again from the copy, the ordinary path reports
                     // it, after the PDUs before it have been handed out.
-                    let r = &mut self.recv;
-                    r.replay.clear();
-                    r.replay_pos = 0;
-                    gather(iov, slot.start, got, &mut r.replay);
+                    self.set_aside(iov, slot.start, got);
                     return Ok(());
                 }
                 self.recv.ready.push_back(InPdu {
@@ -920,20 +970,26 @@ impl TcpConnection {
                 });
                 continue;
             }
-            // Its data segment is cut short: go on with it as the current PDU.
-            let r = &mut self.recv;
-            r.cur_bhs = bhs;
-            r.in_data = true;
-            r.dest = DataDest::Direct(plan);
-            r.data_len = slot.data_len;
-            r.data_got = after.min(slot.data_len);
-            r.trailer_len = slot.trailer_len;
-            r.trailer_got = after - r.data_got;
-            let tg = r.trailer_got;
-            r.trailer[..tg].copy_from_slice(&r.slot_trailers[k][..tg]);
+            // Its data segment is cut short. The rest will be read after the
+            // PDUs before it have been handed to the session, which may end
+            // this read meanwhile (a hostile target can answer it twice): so
+            // it is planned again then, from a copy of what came.
+            let _ = plan;
+            self.set_aside(iov, slot.start, got);
             return Ok(());
         }
         Ok(())
+    }
+
+    /// Copies `len` bytes of a read-ahead, from `start` on, out to be framed
+    /// again, and zeroes them where they landed: a guessed buffer must not
+    /// keep another read's bytes (its own read may yet fail or come short).
+    fn set_aside(&mut self, iov: &[iovec], start: usize, len: usize) {
+        let r = &mut self.recv;
+        r.replay.clear();
+        r.replay_pos = 0;
+        gather(iov, start, len, &mut r.replay);
+        zero(iov, start, len);
     }
 }
 
@@ -1522,5 +1578,151 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.to_string().contains("closed by the target"), "{err}");
+    }
+
+    /// A wrong guess leaves no other read's bytes in the guessed buffer.
+    #[test]
+    fn wrong_guess_leaves_no_foreign_bytes() {
+        let (mut c, mut s) = pair();
+        c.set_max_recv_data(1 << 20);
+        let mut reads = Reads::new(&[(1, 4096), (2, 4096)]);
+        let mut wire = Vec::new();
+        put(&mut wire, &data_in(2, 4096, 0), &pattern(2, 4096), false);
+        s.write_all(&wire).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let got = recv_all(&mut c, &mut reads, 1);
+        assert_eq!(got, vec![(0x25, 2)]);
+        assert_eq!(reads.data(2), pattern(2, 4096));
+        // Read 1 was guessed first and got read 2's bytes; they are gone.
+        assert!(reads.data(1).iter().all(|&b| b == 0 || b == 0xEE));
+    }
+
+    /// Reads 1 and 2 share one guest buffer (legal: two reads into the same
+    /// memory); read 3 has its own. `alive1` false: read 1 has completed.
+    struct Alias<'a> {
+        shared: &'a IoBuffers,
+        own: &'a IoBuffers,
+        done: Vec<u32>,
+        alive1: bool,
+        log: Vec<String>,
+    }
+    impl RecvPlanner for Alias<'_> {
+        fn plan(&mut self, h: &[u8; BHS_LEN]) -> RecvPlan {
+            let itt = u32::from_be_bytes(h[16..20].try_into().unwrap());
+            self.log.push(format!("plan op {:#x} itt {itt}", h[0]));
+            if h[0] != 0x25 {
+                return RecvPlan::Owned;
+            }
+            if itt == 1 && !self.alive1 {
+                return RecvPlan::Discard;
+            }
+            let off = u32::from_be_bytes(h[40..44].try_into().unwrap()) as u64;
+            let dsl = u32::from_be_bytes([0, h[5], h[6], h[7]]) as u64;
+            let b = if itt == 3 { self.own } else { self.shared };
+            let mut iov = Vec::new();
+            assert_eq!(b.iovecs_range(off, dsl, &mut iov), dsl);
+            RecvPlan::Direct(iov)
+        }
+        fn expected(&mut self, _max: usize, out: &mut Vec<ExpectedDataIn>, iov: &mut Vec<iovec>) {
+            for itt in [1u32, 2] {
+                if self.done.contains(&itt) || (itt == 1 && !self.alive1) {
+                    continue;
+                }
+                let start = iov.len();
+                self.shared.iovecs_range(0, 4096, iov);
+                out.push(ExpectedDataIn {
+                    itt,
+                    len: 4096,
+                    iov_start: start,
+                    iov_end: iov.len(),
+                });
+            }
+        }
+    }
+
+    /// Data-In 3, 1, 2 with 1 and 2 guessed into the same memory: the guess
+    /// for 2 must not be read into it too, or read 3's data (set aside from
+    /// there after the wrong guess) would be read 1's.
+    #[test]
+    fn read_ahead_never_reads_twice_into_one_buffer() {
+        let (mut c, mut s) = pair();
+        c.set_max_recv_data(1 << 20);
+        let shared = IoBuffers::from_vec(vec![0xEE; 4096]);
+        let own = IoBuffers::from_vec(vec![0xEE; 4096]);
+        let mut p = Alias {
+            shared: &shared,
+            own: &own,
+            done: vec![],
+            alive1: true,
+            log: vec![],
+        };
+        let mut wire = Vec::new();
+        put(&mut wire, &data_in(3, 4096, 0), &pattern(3, 4096), false);
+        put(&mut wire, &data_in(1, 4096, 0), &pattern(1, 4096), false);
+        put(&mut wire, &data_in(2, 4096, 0), &pattern(2, 4096), false);
+        s.write_all(&wire).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let first = loop {
+            if let Some(pdu) = c.recv(&mut p).unwrap() {
+                break pdu;
+            }
+            Transport::wait(&mut c, false, deadline).unwrap();
+        };
+        assert_eq!(u32::from_be_bytes(first.bhs[16..20].try_into().unwrap()), 3);
+        let mut v = vec![0u8; 4096];
+        own.read_at(0, &mut v);
+        assert_eq!(
+            v,
+            pattern(3, 4096),
+            "task 3 (own buffer) got someone else's data"
+        );
+    }
+
+    /// A hostile target answers read 1 with a response and then sends its
+    /// Data-In, cut short by the read: after the response is handed out the
+    /// session has completed read 1 and the guest owns the buffer again, so
+    /// the rest must not be written there (it is planned again, refused).
+    #[test]
+    fn read_ahead_cut_short_is_planned_again_after_earlier_pdus() {
+        let (mut c, mut s) = pair();
+        c.set_max_recv_data(1 << 20);
+        let shared = IoBuffers::from_vec(vec![0xEE; 4096]);
+        let own = IoBuffers::from_vec(vec![0xEE; 4096]);
+        let mut p = Alias {
+            shared: &shared,
+            own: &own,
+            done: vec![2],
+            alive1: true,
+            log: vec![],
+        };
+        // SCSI Response for task 1 with 20 bytes of sense: header first.
+        let mut resp = bhs(0x21, 20);
+        resp[16..20].copy_from_slice(&1u32.to_be_bytes());
+        let mut wire = Vec::new();
+        put(&mut wire, &resp, &[0x70; 20], false);
+        put(&mut wire, &data_in(1, 4096, 0), &pattern(1, 4096), false);
+        s.write_all(&wire[..48]).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(c.recv(&mut p).unwrap().is_none());
+        s.write_all(&wire[48..48 + 20 + 48 + 100]).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let r = c.recv(&mut p).unwrap().expect("response");
+        assert_eq!(r.bhs[0], 0x21);
+        // The session completes task 1: the guest owns its buffer again.
+        p.alive1 = false;
+        shared.write_at(0, &[0x11; 4096]);
+        let _ = c.recv(&mut p).unwrap();
+        s.write_all(&wire[48 + 20 + 48 + 100..]).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let d = c.recv(&mut p).unwrap().expect("data-in");
+        assert_eq!(d.bhs[0], 0x25);
+        let mut v = vec![0u8; 4096];
+        shared.read_at(0, &mut v);
+        assert!(
+            v.iter().all(|&b| b == 0x11),
+            "completed task's buffer written after completion: {:?}",
+            &v[100..110]
+        );
     }
 }
