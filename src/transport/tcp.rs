@@ -203,8 +203,9 @@ fn trailer_len(len: usize, data_digest: bool) -> usize {
     (4 - len % 4) % 4 + if data_digest { DIGEST_LEN } else { 0 }
 }
 
-/// Copies `len` bytes, starting `skip` bytes into the area `iov` describes, to `out`.
-fn gather(iov: &[iovec], mut skip: usize, mut len: usize, out: &mut Vec<u8>) {
+/// Calls `f(pointer, n)` for each piece of the `len` bytes that start `skip`
+/// bytes into the area `iov` describes.
+fn pieces(iov: &[iovec], mut skip: usize, mut len: usize, mut f: impl FnMut(*mut u8, usize)) {
     for v in iov {
         if len == 0 {
             break;
@@ -214,33 +215,30 @@ fn gather(iov: &[iovec], mut skip: usize, mut len: usize, out: &mut Vec<u8>) {
             continue;
         }
         let n = (v.iov_len - skip).min(len);
-        // SAFETY: the iovec was just filled by readv and points into memory we
-        // may read (our buffers, or guest buffers of commands in flight);
-        // skip + n stays inside it.
-        let s = unsafe { std::slice::from_raw_parts(v.iov_base.cast::<u8>().add(skip), n) };
-        out.extend_from_slice(s);
+        // SAFETY: skip < iov_len, so the pointer stays inside the iovec.
+        f(unsafe { v.iov_base.cast::<u8>().add(skip) }, n);
         len -= n;
         skip = 0;
     }
 }
 
+/// Copies `len` bytes, starting `skip` bytes into the area `iov` describes, to `out`.
+fn gather(iov: &[iovec], skip: usize, len: usize, out: &mut Vec<u8>) {
+    pieces(iov, skip, len, |p, n| {
+        // SAFETY: the iovec was just filled by readv and points into memory we
+        // may read (our buffers, or guest buffers of commands in flight); the
+        // piece lies inside it.
+        out.extend_from_slice(unsafe { std::slice::from_raw_parts(p, n) });
+    });
+}
+
 /// Zeroes `len` bytes, starting `skip` bytes into the area `iov` describes.
-fn zero(iov: &[iovec], mut skip: usize, mut len: usize) {
-    for v in iov {
-        if len == 0 {
-            break;
-        }
-        if skip >= v.iov_len {
-            skip -= v.iov_len;
-            continue;
-        }
-        let n = (v.iov_len - skip).min(len);
+fn zero(iov: &[iovec], skip: usize, len: usize) {
+    pieces(iov, skip, len, |p, n| {
         // SAFETY: as in `gather`; memory we may write (our buffers, or guest
         // buffers of commands in flight, which readv just wrote).
-        unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>().add(skip), 0, n) };
-        len -= n;
-        skip = 0;
-    }
+        unsafe { std::ptr::write_bytes(p, 0, n) };
+    });
 }
 
 /// Copies bytes from `src` into the area `iov` describes; returns how many.
