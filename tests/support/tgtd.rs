@@ -535,6 +535,22 @@ impl Drop for Tgtd {
 
 /// A TCP port nobody listens on right now (the kernel's pick, so parallel tests differ).
 fn free_port() -> u16 {
+    // Below the kernel's ephemeral range (32768-60999 by default): a port
+    // taken from that range can be handed to an outgoing connection of a
+    // test running in parallel before tgtd binds it.
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let seed = std::process::id()
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+    for _ in 0..500 {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = 20000 + (seed.wrapping_add(n.wrapping_mul(7919)) % 12000) as u16;
+        if TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
     let l = TcpListener::bind("127.0.0.1:0").expect("cannot bind 127.0.0.1:0");
     l.local_addr().expect("local_addr").port()
 }
@@ -597,7 +613,7 @@ mod tests {
     #[test]
     fn free_ports_are_usable() {
         let p = free_port();
-        assert_ne!(p, 0);
+        assert!((20000..32000).contains(&p), "{p}");
         assert!(TcpListener::bind(("127.0.0.1", p)).is_ok());
     }
 }
