@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::blk::mem::MemTarget;
-use crate::blk::null::NullTarget;
 use crate::blk::target::{Target, TargetError};
 use crate::iscsi::chap::{ChapAlgorithm, ChapCredentials, ChapSecret};
 use crate::iscsi::connect::{tcp_dialer, ConnectConfig, Connector, Dialer, PathPolicy};
@@ -66,7 +65,7 @@ pub fn open_target(spec: &str, opts: &OpenOptions) -> Result<Arc<dyn Target>, Ta
         return Ok(Arc::new(MemTarget::from_spec(size, opts.read_only)?));
     }
     if let Some(size) = spec.strip_prefix("null:") {
-        return Ok(Arc::new(NullTarget::from_spec(size, opts.read_only)?));
+        return Ok(Arc::new(MemTarget::null_from_spec(size, opts.read_only)?));
     }
     if !(spec.starts_with("iscsi://") || spec.starts_with("iser://")) {
         return Err(TargetError::BadTarget {

@@ -4,6 +4,9 @@
 //! is allocated in 64 KiB chunks on first write, so a large, mostly unused disk
 //! costs nothing; reads of unwritten chunks return zeroes. Chunks are spread
 //! over shards, each with its own lock, so queues rarely meet.
+//!
+//! Without a store it is the null target (`null:SIZE`), QEMU null-co's
+//! counterpart: reads return zeroes, writes are dropped.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -117,18 +120,36 @@ impl SparseStore {
     }
 }
 
-/// The RAM target.
+/// The RAM target (`mem:SIZE`), or without storage the null target
+/// (`null:SIZE`): reads return zeroes and writes are dropped, like QEMU's
+/// `null-co` with `read-zeroes=on` (and Linux's null_blk), so a benchmark of
+/// the vhost layer measures the layer and not a RAM store's locks and
+/// lookups, and a deployment can check its plumbing without a disk.
 pub struct MemTarget {
     info: DeviceInfo,
-    store: Arc<SparseStore>,
+    /// None: the null target.
+    store: Option<Arc<SparseStore>>,
 }
 
 impl MemTarget {
     /// A RAM disk of `size` bytes (rounded down to 512).
     pub fn new(size: u64, read_only: bool) -> Self {
+        Self::build(size, read_only, true)
+    }
+
+    /// A null disk of `size` bytes (rounded down to 512).
+    pub fn null(size: u64, read_only: bool) -> Self {
+        Self::build(size, read_only, false)
+    }
+
+    fn build(size: u64, read_only: bool, stored: bool) -> Self {
         let mut info = DeviceInfo::simple(size);
         info.read_only = read_only;
-        info.serial = b"vhost-iser-mem".to_vec();
+        info.serial = if stored {
+            b"vhost-iser-mem".to_vec()
+        } else {
+            b"vhost-iser-null".to_vec()
+        };
         if !read_only {
             let limits = RangeOpLimits {
                 max_sectors: u32::MAX / 512 * 512 / 512,
@@ -141,22 +162,32 @@ impl MemTarget {
         }
         MemTarget {
             info,
-            store: Arc::new(SparseStore::new()),
+            store: stored.then(|| Arc::new(SparseStore::new())),
         }
     }
 
     /// Parses the part after `mem:`: a size like `1G`, `512M`, `4096`.
     pub fn from_spec(spec: &str, read_only: bool) -> Result<Self, TargetError> {
-        let bad = |reason: &str| TargetError::BadTarget {
-            target: format!("mem:{spec}"),
-            reason: reason.to_string(),
-        };
-        let size = parse_size(spec).ok_or_else(|| bad("expected a size such as mem:1G"))?;
-        if size < 512 {
-            return Err(bad("size must be at least 512 bytes"));
-        }
-        Ok(Self::new(size, read_only))
+        Ok(Self::new(spec_size("mem", spec)?, read_only))
     }
+
+    /// Parses the part after `null:`: a size like `1G`, `512M`, `4096`.
+    pub fn null_from_spec(spec: &str, read_only: bool) -> Result<Self, TargetError> {
+        Ok(Self::null(spec_size("null", spec)?, read_only))
+    }
+}
+
+/// The size in `KIND:SIZE`, at least one sector.
+fn spec_size(kind: &str, spec: &str) -> Result<u64, TargetError> {
+    let bad = |reason: String| TargetError::BadTarget {
+        target: format!("{kind}:{spec}"),
+        reason,
+    };
+    let size = parse_size(spec).ok_or_else(|| bad(format!("expected a size such as {kind}:1G")))?;
+    if size < 512 {
+        return Err(bad("size must be at least 512 bytes".to_string()));
+    }
+    Ok(size)
 }
 
 /// Parses `123`, `4k`, `512M`, `2G`, `1T` (binary units).
@@ -191,9 +222,9 @@ impl Target for MemTarget {
     }
 }
 
-/// One queue's view of the RAM disk: completes everything inside `submit`.
+/// One queue's view of the RAM (or null) disk: completes everything inside `submit`.
 struct MemQueue {
-    store: Arc<SparseStore>,
+    store: Option<Arc<SparseStore>>,
     ready: Vec<Completion>,
 }
 
@@ -201,13 +232,16 @@ impl QueueTarget for MemQueue {
     fn submit(&mut self, tag: u64, req: BlockRequest) {
         // The blk layer has already checked ranges against the capacity.
         let start = req.sector * 512;
-        match req.op {
-            BlockOp::Read => self.store.read(start, req.data.len(), &req.data),
-            BlockOp::Write { .. } => self.store.write(start, req.data.len(), &req.data),
-            BlockOp::Flush => {}
-            BlockOp::Discard | BlockOp::WriteZeroes { .. } => {
+        match (&self.store, req.op) {
+            (None, BlockOp::Read) => {
+                req.data.fill_zero(0, req.data.len());
+            }
+            (None, _) | (Some(_), BlockOp::Flush) => {}
+            (Some(store), BlockOp::Read) => store.read(start, req.data.len(), &req.data),
+            (Some(store), BlockOp::Write { .. }) => store.write(start, req.data.len(), &req.data),
+            (Some(store), BlockOp::Discard | BlockOp::WriteZeroes { .. }) => {
                 for r in &req.ranges {
-                    self.store.zero(r.sector * 512, r.num_sectors as u64 * 512);
+                    store.zero(r.sector * 512, r.num_sectors as u64 * 512);
                 }
             }
         }
@@ -232,8 +266,10 @@ impl QueueTarget for MemQueue {
 
 #[cfg(test)]
 mod tests {
+    use vm_memory::{Bytes, GuestAddress};
+
     use super::*;
-    use crate::blk::buffer::IoBuffers;
+    use crate::blk::buffer::{GuestMemoryMmap, IoBuffers};
     use crate::blk::target::SectorRange;
 
     fn run(q: &mut dyn QueueTarget, req: BlockRequest) -> BlockStatus {
@@ -297,7 +333,10 @@ mod tests {
         b.poll(&mut done);
         // Reading again via a fresh IoBuffers we own: use a store read directly.
         let out = IoBuffers::from_vec(vec![0u8; data.len()]);
-        t.store.read(sector * 512, data.len() as u64, &out);
+        t.store
+            .as_ref()
+            .unwrap()
+            .read(sector * 512, data.len() as u64, &out);
         out.read_at(0, &mut back);
         assert_eq!(back, data);
 
@@ -313,14 +352,68 @@ mod tests {
         };
         assert_eq!(run(a.as_mut(), z), BlockStatus::Ok);
         let out = IoBuffers::from_vec(vec![0xFFu8; 2048]);
-        t.store.read(CHUNK - 2048, 2048, &out);
+        t.store.as_ref().unwrap().read(CHUNK - 2048, 2048, &out);
         let mut tail = vec![0u8; 2048];
         out.read_at(0, &mut tail);
         assert!(tail.iter().all(|&x| x == 0));
         let out = IoBuffers::from_vec(vec![0u8; 512]);
-        t.store.read(CHUNK + 512, 512, &out);
+        t.store.as_ref().unwrap().read(CHUNK + 512, 512, &out);
         let mut rest = vec![0u8; 512];
         out.read_at(0, &mut rest);
         assert_eq!(rest, data[2048 + 512..2048 + 1024]);
+    }
+
+    #[test]
+    fn null_reads_fill_zeroes_and_writes_complete() {
+        let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x4000)]).unwrap());
+        mem.write_slice(&[0xAA; 0x2000], GuestAddress(0x1000))
+            .unwrap();
+        let t = MemTarget::null(1 << 20, false);
+        let mut q = t.open_queue(0).unwrap();
+        let mut data = IoBuffers::new(mem.clone());
+        data.push_guest(&mem, GuestAddress(0x1000), 0x1000).unwrap();
+        q.submit(
+            7,
+            BlockRequest {
+                op: BlockOp::Write { fua: false },
+                sector: 0,
+                data,
+                ranges: vec![],
+            },
+        );
+        let mut data = IoBuffers::new(mem.clone());
+        data.push_guest(&mem, GuestAddress(0x1800), 0x1000).unwrap();
+        q.submit(
+            8,
+            BlockRequest {
+                op: BlockOp::Read,
+                sector: 8,
+                data,
+                ranges: vec![],
+            },
+        );
+        let mut done = Vec::new();
+        q.poll(&mut done);
+        assert_eq!(done.len(), 2);
+        assert!(done.iter().all(|c| c.status == BlockStatus::Ok));
+        assert_eq!(q.in_flight(), 0);
+        let mut back = [0u8; 0x2000];
+        mem.read_slice(&mut back, GuestAddress(0x1000)).unwrap();
+        // The write left its buffer alone; the read zeroed exactly its own.
+        assert!(back[..0x800].iter().all(|&b| b == 0xAA));
+        assert!(back[0x800..0x1800].iter().all(|&b| b == 0));
+        assert!(back[0x1800..].iter().all(|&b| b == 0xAA));
+    }
+
+    #[test]
+    fn null_sizes_and_read_only() {
+        assert!(MemTarget::null_from_spec("100", false).is_err());
+        assert!(MemTarget::null_from_spec("x", false).is_err());
+        let t = MemTarget::null_from_spec("1M", false).unwrap();
+        assert_eq!(t.info().capacity_sectors, 2048);
+        assert!(t.info().discard.is_some());
+        let ro = MemTarget::null_from_spec("1M", true).unwrap();
+        assert!(ro.info().read_only);
+        assert!(ro.info().discard.is_none());
     }
 }

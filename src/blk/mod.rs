@@ -4,6 +4,5 @@
 pub mod buffer;
 pub mod config;
 pub mod mem;
-pub mod null;
 pub mod request;
 pub mod target;

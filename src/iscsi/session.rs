@@ -303,11 +303,8 @@ impl RecvPlanner for DataInPlanner<'_> {
     /// a target that answers in order (tgt, LIO with a fast backing store)
     /// sends their Data-In next, one PDU each when it fits.
     fn expected(&mut self, max: usize, out: &mut Vec<ExpectedDataIn>, iov: &mut Vec<iovec>) {
-        let waiting = |t: Option<&Task>| {
-            t.is_some_and(|t| t.data_in == 0 && !t.aborting && t.req.dir == DataDir::Read)
-        };
         while let Some(&itt) = self.read_order.front() {
-            if waiting(self.tasks.get(itt)) {
+            if self.tasks.get(itt).is_some_and(Task::awaits_data_in) {
                 break;
             }
             self.read_order.pop_front();
@@ -318,7 +315,7 @@ impl RecvPlanner for DataInPlanner<'_> {
             if out.len() >= max {
                 break;
             }
-            let Some(task) = self.tasks.get(itt).filter(|t| waiting(Some(t))) else {
+            let Some(task) = self.tasks.get(itt).filter(|t| t.awaits_data_in()) else {
                 continue;
             };
             let Some(buf) = &task.req.buf else {
@@ -979,7 +976,7 @@ impl Session {
                     break;
                 }
                 if let Some(t) = self.tasks.get(itt) {
-                    if t.data_in == 0 && !t.aborting && t.req.dir == DataDir::Read {
+                    if t.awaits_data_in() {
                         let pdu = BHS_LEN + t.req.len as usize;
                         bytes += pdu;
                         largest = largest.max(pdu);
@@ -1005,7 +1002,7 @@ impl Session {
             // arrives; a target answering out of order can leave them behind.
             let tasks = &self.tasks;
             self.read_order
-                .retain(|&i| tasks.get(i).is_some_and(|t| t.data_in == 0));
+                .retain(|&i| tasks.get(i).is_some_and(Task::awaits_data_in));
         }
         self.read_order.push_back(itt);
     }

@@ -79,6 +79,14 @@ pub struct Task {
 }
 
 /// Slots of tasks in flight.
+impl Task {
+    /// A read still waiting for its first Data-In (and not being aborted):
+    /// what the transport may read ahead for, in the order sent.
+    pub fn awaits_data_in(&self) -> bool {
+        self.req.dir == DataDir::Read && self.data_in == 0 && !self.aborting
+    }
+}
+
 #[derive(Default)]
 pub struct TaskTable {
     slots: Vec<(u16, Option<Task>)>,

@@ -759,7 +759,7 @@ impl TcpConnection {
             if self.recv.in_data {
                 self.finish_pdu()?;
             }
-            self.take_read_ahead(planner, &iov, &slots, n)?;
+            self.take_read_ahead(planner, &iov, &slots, n);
         }
         self.iov_scratch = iov;
         self.recv.slots = slots;
@@ -899,20 +899,20 @@ impl TcpConnection {
     }
 
     /// Sorts out the bytes a read brought past the current PDU (`n` in all):
-    /// PDUs whose guess was right are queued; from the first wrong guess on,
-    /// every byte is copied out to be read again; a PDU cut short by the end
-    /// of the read continues in the ordinary receive state.
+    /// PDUs whose guess was right and that came whole are queued; from the
+    /// first other one on, every byte is set aside to be framed again; a
+    /// header cut short by the end of the read continues in the header buffer.
     fn take_read_ahead(
         &mut self,
         planner: &mut dyn RecvPlanner,
         iov: &[iovec],
         slots: &[Slot],
         n: usize,
-    ) -> Result<(), TransportError> {
+    ) {
         let hl = self.slot_header_len();
         for (k, slot) in slots.iter().enumerate() {
             if n <= slot.start {
-                return Ok(());
+                return;
             }
             let got = n - slot.start;
             let hdr = self.recv.slot_hdrs[k];
@@ -926,57 +926,47 @@ impl TcpConnection {
                 r.hdr_got = 0;
                 r.hdr_len = BHS_LEN;
                 r.got_header_bytes(m, self.header_digest);
-                return Ok(());
+                return;
             };
             let mut bhs = [0u8; BHS_LEN];
             bhs.copy_from_slice(&hdr[..BHS_LEN]);
-            let plan = if self.guess_matches(&hdr, &g) {
-                match planner.plan(&bhs) {
+            // Taken as it is only when it is the guessed Data-In, whole, the
+            // session still plans it into the guessed buffer, and its digest
+            // holds. Anything else is set aside, with all after it, and framed
+            // again later: another PDU came first (its bytes went to the
+            // guessed buffer), or the PDU is cut short (the rest is planned
+            // only after the PDUs before it reached the session, which may end
+            // the read meanwhile: a hostile target can answer it twice), or
+            // its digest is bad (reported by the ordinary path, after the PDUs
+            // before it).
+            let whole = got - hl >= slot.data_len + slot.trailer_len;
+            let planned = (whole && self.guess_matches(&hdr, &g))
+                .then(|| planner.plan(&bhs))
+                .and_then(|p| match p {
                     RecvPlan::Direct(p)
                         if same_iovecs(&p, &self.recv.guess_iov[g.iov_start..g.iov_end]) =>
                     {
                         Some(p)
                     }
                     _ => None,
-                }
-            } else {
-                None
-            };
-            let Some(plan) = plan else {
-                // Another PDU came first: its bytes went to the guessed
-                // buffer. Keep them (and all after) to be read again.
-                self.set_aside(iov, slot.start, got);
-                return Ok(());
-            };
-            let after = got - hl;
-            if after >= slot.data_len + slot.trailer_len {
-                let digest_ok = !self.data_digest || {
+                });
+            let taken = planned.is_some_and(|plan| {
+                !self.data_digest || {
                     let t = &self.recv.slot_trailers[k];
                     let pad = slot.trailer_len - DIGEST_LEN;
                     let want = u32::from_le_bytes([t[pad], t[pad + 1], t[pad + 2], t[pad + 3]]);
                     data_crc(&plan, &t[..pad]) == want
-                };
-                if !digest_ok {
-                    // Framed again from the copy, the ordinary path reports
-                    // it, after the PDUs before it have been handed out.
-                    self.set_aside(iov, slot.start, got);
-                    return Ok(());
                 }
-                self.recv.ready.push_back(InPdu {
-                    bhs,
-                    data: Vec::new(),
-                });
-                continue;
+            });
+            if !taken {
+                self.set_aside(iov, slot.start, got);
+                return;
             }
-            // Its data segment is cut short. The rest will be read after the
-            // PDUs before it have been handed to the session, which may end
-            // this read meanwhile (a hostile target can answer it twice): so
-            // it is planned again then, from a copy of what came.
-            let _ = plan;
-            self.set_aside(iov, slot.start, got);
-            return Ok(());
+            self.recv.ready.push_back(InPdu {
+                bhs,
+                data: Vec::new(),
+            });
         }
-        Ok(())
     }
 
     /// Copies `len` bytes of a read-ahead, from `start` on, out to be framed
@@ -1604,6 +1594,22 @@ mod tests {
         alive1: bool,
         log: Vec<String>,
     }
+    impl<'a> Alias<'a> {
+        fn new(shared: &'a IoBuffers, own: &'a IoBuffers, done: Vec<u32>) -> Self {
+            Alias {
+                shared,
+                own,
+                done,
+                alive1: true,
+                log: vec![],
+            }
+        }
+    }
+
+    fn alias_buf() -> IoBuffers {
+        IoBuffers::from_vec(vec![0xEE; 4096])
+    }
+
     impl RecvPlanner for Alias<'_> {
         fn plan(&mut self, h: &[u8; BHS_LEN]) -> RecvPlan {
             let itt = u32::from_be_bytes(h[16..20].try_into().unwrap());
@@ -1645,15 +1651,8 @@ mod tests {
     fn read_ahead_never_reads_twice_into_one_buffer() {
         let (mut c, mut s) = pair();
         c.set_max_recv_data(1 << 20);
-        let shared = IoBuffers::from_vec(vec![0xEE; 4096]);
-        let own = IoBuffers::from_vec(vec![0xEE; 4096]);
-        let mut p = Alias {
-            shared: &shared,
-            own: &own,
-            done: vec![],
-            alive1: true,
-            log: vec![],
-        };
+        let (shared, own) = (alias_buf(), alias_buf());
+        let mut p = Alias::new(&shared, &own, vec![]);
         let mut wire = Vec::new();
         put(&mut wire, &data_in(3, 4096, 0), &pattern(3, 4096), false);
         put(&mut wire, &data_in(1, 4096, 0), &pattern(1, 4096), false);
@@ -1685,15 +1684,8 @@ mod tests {
     fn read_ahead_cut_short_is_planned_again_after_earlier_pdus() {
         let (mut c, mut s) = pair();
         c.set_max_recv_data(1 << 20);
-        let shared = IoBuffers::from_vec(vec![0xEE; 4096]);
-        let own = IoBuffers::from_vec(vec![0xEE; 4096]);
-        let mut p = Alias {
-            shared: &shared,
-            own: &own,
-            done: vec![2],
-            alive1: true,
-            log: vec![],
-        };
+        let (shared, own) = (alias_buf(), alias_buf());
+        let mut p = Alias::new(&shared, &own, vec![2]);
         // SCSI Response for task 1 with 20 bytes of sense: header first.
         let mut resp = bhs(0x21, 20);
         resp[16..20].copy_from_slice(&1u32.to_be_bytes());
