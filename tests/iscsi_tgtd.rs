@@ -75,9 +75,22 @@ fn write_verify_512b_to_4mib_one_queue() {
 
 #[test]
 fn four_queues_four_sessions_concurrent_verify() {
+    four_sessions_verify(&[]);
+}
+
+/// The same on two worker threads: each session's completions reach its
+/// own queue's worker on the thread that serves it.
+#[test]
+fn four_queues_on_two_threads_concurrent_verify() {
+    four_sessions_verify(&["--threads", "2"]);
+}
+
+fn four_sessions_verify(extra: &[&str]) {
     let (t, tid, file) = target_with_lun(128 << 20);
     let url = t.url(tid, 1);
-    let backend = Backend::start(&["--target", &url, "--queues", "4"]);
+    let mut args = vec!["--target", url.as_str(), "--queues", "4"];
+    args.extend_from_slice(extra);
+    let backend = Backend::start(&args);
     let log = backend.log();
     assert_eq!(
         log.matches("logged in to").count(),
