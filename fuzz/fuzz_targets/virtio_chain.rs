@@ -1,6 +1,7 @@
 //! Arbitrary descriptor tables and guest memory through the virtio-blk request
 //! parser: never a panic, and a request that parses stays inside guest memory
-//! and the device's capacity.
+//! and the device's capacity. The worker's own ring walk (vhost::ring) yields
+//! exactly the descriptors virtio-queue's does.
 #![no_main]
 
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use libfuzzer_sys::fuzz_target;
 use vhost_iser::blk::buffer::GuestMemoryMmap;
 use vhost_iser::blk::request::{parse_request, Request, RequestLimits};
 use vhost_iser::blk::target::SharedCapacity;
+use vhost_iser::vhost::ring::SplitRing;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -37,12 +39,16 @@ fuzz_target!(|data: &[u8]| {
     mem.write_obj(0u16, GuestAddress(AVAIL)).unwrap();
     mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
     mem.write_obj(head, GuestAddress(AVAIL + 4)).unwrap();
-    let mut q = Queue::new(QSIZE).unwrap();
-    q.set_size(QSIZE);
-    q.set_desc_table_address(Some(DESC as u32), Some(0));
-    q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
-    q.set_used_ring_address(Some(USED as u32), Some(0));
-    q.set_ready(true);
+    let queue = || {
+        let mut q = Queue::new(QSIZE).unwrap();
+        q.set_size(QSIZE);
+        q.set_desc_table_address(Some(DESC as u32), Some(0));
+        q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
+        q.set_used_ring_address(Some(USED as u32), Some(0));
+        q.set_ready(true);
+        q
+    };
+    let mut q = queue();
     let limits = RequestLimits {
         capacity_sectors: SharedCapacity::new(CAPACITY_SECTORS),
         seg_max: 14,
@@ -50,13 +56,26 @@ fuzz_target!(|data: &[u8]| {
         discard: Some((4096, 8)),
         write_zeroes: Some((4096, 8)),
     };
+    let fresh = queue();
     let Ok(mut iter) = q.iter(&*mem) else {
         return;
     };
     let Some(chain) = iter.next() else {
         return;
     };
-    let p = parse_request(chain, &mem, &limits);
+    let theirs: Vec<_> = chain.clone().collect();
+    let mut ring = SplitRing::new(&fresh, &mem);
+    let ours = ring.pop().expect("a ready ring").expect("one chain");
+    assert_eq!(ours.head_index(), chain.head_index());
+    let ours: Vec<_> = ours.collect();
+    assert_eq!(ours.len(), theirs.len());
+    for (a, b) in ours.iter().zip(&theirs) {
+        assert_eq!(
+            (a.addr(), a.len(), a.flags(), a.next()),
+            (b.addr(), b.len(), b.flags(), b.next())
+        );
+    }
+    let p = parse_request(chain.head_index(), chain, &mem, &limits);
     if let Ok(Request::Block(b)) = &p.request {
         assert!(p.status_addr.is_some());
         let end = b.sector + b.data.len() / 512;

@@ -11,8 +11,8 @@
 use std::sync::Arc;
 
 use thiserror::Error;
-use virtio_queue::DescriptorChain;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend};
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::buffer::{read_in_region, GuestMemoryMmap, IoBuffers};
 use super::target::{BlockOp, BlockRequest, SectorRange, SharedCapacity};
@@ -261,17 +261,18 @@ impl Stream {
     }
 }
 
-/// Parses one descriptor chain popped from a virtqueue.
-pub fn parse_request<M>(
-    chain: DescriptorChain<M>,
+/// Parses one descriptor chain popped from a virtqueue: `head_index` and
+/// its descriptors in order (a chain cut short by a loop or a bad index ends
+/// with a descriptor that still says NEXT, and is refused).
+pub fn parse_request<I>(
+    head_index: u16,
+    chain: I,
     mem: &Arc<GuestMemoryMmap>,
     limits: &RequestLimits,
 ) -> ParsedRequest
 where
-    M: std::ops::Deref,
-    M::Target: GuestMemory,
+    I: IntoIterator<Item = Descriptor>,
 {
-    let head_index = chain.head_index();
     let mut readable = Stream::default();
     let mut writable = Stream::default();
     let mut descriptors = 0u32;
@@ -572,7 +573,7 @@ mod tests {
         vq.add_desc_chains(&raw, 0).unwrap();
         let mut q: Queue = vq.create_queue().unwrap();
         let chain = q.iter(&**m).unwrap().next().unwrap();
-        parse_request(chain, m, l)
+        parse_request(chain.head_index(), chain, m, l)
     }
 
     #[test]
@@ -756,7 +757,7 @@ mod tests {
         vq.add_desc_chains(&raw, 0).unwrap();
         let mut q: Queue = vq.create_queue().unwrap();
         let chain = q.iter(&*m).unwrap().next().unwrap();
-        let p = parse_request(chain, &m, &limits());
+        let p = parse_request(chain.head_index(), chain, &m, &limits());
         assert_eq!(p.request.unwrap_err(), RequestError::Unterminated);
         assert_eq!(p.status_addr, None);
     }

@@ -3,4 +3,5 @@
 
 pub mod backend;
 pub mod inflight;
+pub mod ring;
 pub mod worker;

@@ -5,13 +5,13 @@
 //! thread vhost-user-backend creates for it), so nothing here is shared
 //! between queues.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
 use vhost_user_backend::{VringRwLock, VringT};
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
     GuestRegionMmap,
@@ -19,17 +19,21 @@ use vm_memory::{
 
 use crate::blk::buffer::{mark_dirty, GuestMemoryMmap};
 use crate::blk::request::{
-    parse_request, GuestRanges, Request, RequestLimits, ID_BYTES, VIRTIO_BLK_S_IOERR,
-    VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
+    parse_request, GuestRanges, ParsedRequest, Request, RequestLimits, ID_BYTES,
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
 };
 use crate::blk::target::{BlockOp, BlockStatus, Completion, QueueTarget};
 use crate::log_limit::{suppressed_note, LogLimiter};
-use crate::metrics::{self, LatencyHistogram, StatOp, StatStamp};
+use crate::metrics::{self, LatencyHistogram, OwnedCounter, StatOp, StatStamp};
 
 use super::inflight::{QueueInflight, Recovery};
+use super::ring::SplitRing;
 
 /// A virtqueue over the backend's guest memory (regions with dirty bitmaps).
 pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemoryMmap>>;
+
+/// The state behind a [`Vring`]'s lock.
+type VringState = vhost_user_backend::VringState<GuestMemoryAtomic<GuestMemoryMmap>>;
 
 /// How long a worker watches its ring for more requests after a batch:
 /// `VHOST_ISER_RING_POLL_US` if set; else 20 µs for targets that complete
@@ -64,19 +68,20 @@ fn mid_batch_completion() -> usize {
 }
 
 /// Counters of one queue, written by its worker only and readable from
-/// other threads (metrics); atomics, no locks.
+/// other threads (metrics); single-writer atomics, no locks and no locked
+/// instructions.
 #[derive(Default, Debug)]
 pub struct QueueStats {
     /// Completed requests by [`StatOp`] and status (see [`metrics::STATUS_NAMES`]).
-    requests: [[AtomicU64; 3]; StatOp::ALL.len()],
+    requests: [[OwnedCounter; 3]; StatOp::ALL.len()],
     /// Chains refused as malformed.
-    pub bad_requests: AtomicU64,
+    pub bad_requests: OwnedCounter,
     /// Bytes read by the guest (successful requests).
-    pub read_bytes: AtomicU64,
+    pub read_bytes: OwnedCounter,
     /// Bytes written by the guest (successful requests).
-    pub write_bytes: AtomicU64,
+    pub write_bytes: OwnedCounter,
     /// Requests handed to the target and not completed yet.
-    pub in_flight: AtomicU64,
+    pub in_flight: OwnedCounter,
     /// Time from taking a request off the ring to its completion.
     pub latency: LatencyHistogram,
 }
@@ -86,18 +91,18 @@ impl QueueStats {
     pub fn requests(&self, op: StatOp, status: usize) -> u64 {
         self.requests[op as usize]
             .get(status)
-            .map_or(0, |c| c.load(Ordering::Relaxed))
+            .map_or(0, OwnedCounter::get)
     }
 
     /// A request was handed to the target.
     pub fn record_submit(&self) {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.add(1);
     }
 
     /// A request handed to the target completed with virtio-blk `status`
     /// (`now`: read once per batch of completions, clock reads are not free).
     pub fn record_done(&self, stamp: StatStamp, status: u8, now: Instant) {
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.in_flight.sub(1);
         self.latency
             .observe(now.saturating_duration_since(stamp.started));
         self.record_answer(stamp.op, stamp.bytes, status);
@@ -105,13 +110,13 @@ impl QueueStats {
 
     /// A request was answered (by the target or by the backend itself).
     pub fn record_answer(&self, op: StatOp, bytes: u64, status: u8) {
-        self.requests[op as usize][metrics::status_index(status)].fetch_add(1, Ordering::Relaxed);
+        self.requests[op as usize][metrics::status_index(status)].add(1);
         if status == VIRTIO_BLK_S_OK {
             match op {
-                StatOp::Read => self.read_bytes.fetch_add(bytes, Ordering::Relaxed),
-                StatOp::Write => self.write_bytes.fetch_add(bytes, Ordering::Relaxed),
-                _ => 0,
-            };
+                StatOp::Read => self.read_bytes.add(bytes),
+                StatOp::Write => self.write_bytes.add(bytes),
+                _ => {}
+            }
         }
     }
 }
@@ -140,8 +145,9 @@ pub struct QueueWorker {
     draining: bool,
     /// The guest's write cache setting (CONFIG_WCE), shared with the backend.
     writeback: Arc<AtomicBool>,
-    /// Used entries were added since the last interrupt decision.
-    pending_signal: bool,
+    /// Used entries added since the last interrupt decision (event-idx
+    /// compares the guest's used_event with this window).
+    unsignalled: u16,
     /// The frontend logs dirty pages (VHOST_F_LOG_ALL: live migration), set
     /// by the backend; read once per completed request that wrote data.
     dirty_log: Arc<AtomicBool>,
@@ -182,7 +188,7 @@ impl QueueWorker {
             bad_input_log: LogLimiter::new(),
             draining: false,
             writeback,
-            pending_signal: false,
+            unsignalled: 0,
             dirty_log,
             mem: None,
             stats: Arc::new(QueueStats::default()),
@@ -228,6 +234,11 @@ impl QueueWorker {
     /// Handles a kick: takes every available request, submits them, completes
     /// what is done. Event-idx: notifications stay off while we work, and we
     /// re-check the ring after turning them back on so no kick is lost.
+    ///
+    /// The vring lock is held for the whole batch: the rings are read through
+    /// host pointers resolved once ([`SplitRing`]), and the front-end's
+    /// GET_VRING_BASE (which takes the lock) sees the indexes of a finished
+    /// batch, never those of a half-popped one.
     pub fn process_queue(&mut self, vring: &Vring, event_idx: bool) {
         if self.draining {
             return;
@@ -239,18 +250,17 @@ impl QueueWorker {
             );
             return;
         };
-        let mem = &mem;
+        let snapshot: Arc<GuestMemoryMmap> = mem.memory().into_inner();
+        let mut state = vring.get_mut();
+        let mut ring = SplitRing::new(state.get_queue(), &snapshot);
         if std::mem::take(&mut self.recover_pending) {
-            self.resubmit_inflight(vring, mem);
+            self.resubmit_inflight(&mut ring, &state, &snapshot);
         }
+        // With event-idx, notifications need no disabling: the guest kicks
+        // once per avail_event value, which only enable_notification moves.
         loop {
-            if event_idx {
-                if let Err(e) = vring.disable_notification() {
-                    warn!("queue {}: cannot disable notifications: {e}", self.index);
-                }
-            }
-            self.pop_and_submit(vring, mem);
-            self.complete(vring, mem, false);
+            self.pop_and_submit(&mut ring, &state, &snapshot);
+            self.complete(&mut ring, &state, &snapshot, false);
             if !event_idx {
                 break;
             }
@@ -258,10 +268,10 @@ impl QueueWorker {
             // few microseconds; looking at the avail index for a short window
             // saves the kick (an eventfd write in the guest, a wake-up and a
             // read here). An idle queue pays one window per batch.
-            if self.ring_poll_window(vring, mem) {
+            if self.ring_poll_window(&ring) {
                 continue;
             }
-            match vring.enable_notification() {
+            match ring.enable_notification() {
                 Ok(true) => continue, // more requests arrived meanwhile
                 Ok(false) => break,
                 Err(e) => {
@@ -270,27 +280,21 @@ impl QueueWorker {
                 }
             }
         }
+        ring.store_indexes(state.get_queue_mut());
     }
 
-    /// Spins up to [`RING_POLL`] for new available descriptors; true if some came.
-    fn ring_poll_window(&self, vring: &Vring, mem: &GuestMemoryAtomic<GuestMemoryMmap>) -> bool {
+    /// Spins up to [`ring_poll`]'s window for new available descriptors;
+    /// true if some came.
+    fn ring_poll_window(&self, ring: &SplitRing) -> bool {
         let window = ring_poll(self.target.event_fd().is_none());
         // A thread that serves other queues too must not spin on this one's
         // ring while their kicks wait.
         if window.is_zero() || self.shares_thread {
             return false;
         }
-        let snapshot = mem.memory();
         let until = Instant::now() + window;
         loop {
-            let more = {
-                let state = vring.get_ref();
-                let q = state.get_queue();
-                q.avail_idx(&*snapshot, Ordering::Acquire)
-                    .map(|idx| idx.0 != q.next_avail())
-                    .unwrap_or(false)
-            };
-            if more {
+            if ring.has_available().unwrap_or(false) {
                 return true;
             }
             if Instant::now() >= until {
@@ -305,7 +309,11 @@ impl QueueWorker {
         let Some(mem) = self.mem.clone() else {
             return;
         };
-        self.complete(vring, &mem, true);
+        let snapshot: Arc<GuestMemoryMmap> = mem.memory().into_inner();
+        let mut state = vring.get_mut();
+        let mut ring = SplitRing::new(state.get_queue(), &snapshot);
+        self.complete(&mut ring, &state, &snapshot, true);
+        ring.store_indexes(state.get_queue_mut());
     }
 
     /// Records the frontend's guest memory.
@@ -325,22 +333,32 @@ impl QueueWorker {
         self.draining = true;
     }
 
-    fn pop_and_submit(&mut self, vring: &Vring, mem: &GuestMemoryAtomic<GuestMemoryMmap>) {
-        let guard = mem.memory();
-        let snapshot: Arc<GuestMemoryMmap> = guard.into_inner();
+    fn pop_and_submit(
+        &mut self,
+        ring: &mut SplitRing,
+        state: &VringState,
+        snapshot: &Arc<GuestMemoryMmap>,
+    ) {
         // One clock read per batch: latency is measured from the batch start.
         let batch_start = Instant::now();
         let inline_target = self.target.event_fd().is_none();
         let mut since_complete = 0usize;
         loop {
-            let chain = {
-                let mut state = vring.get_mut();
-                match state.get_queue_mut().pop_descriptor_chain(&*snapshot) {
-                    Some(c) => c,
-                    None => break,
+            let parsed = match ring.pop() {
+                Ok(Some(chain)) => parse_request(chain.head_index(), chain, snapshot, &self.limits),
+                Ok(None) => break,
+                Err(e) => {
+                    if let Some(suppressed) = self.bad_input_log.allow() {
+                        warn!(
+                            "queue {}: cannot take requests from the ring: {e}{}",
+                            self.index,
+                            suppressed_note(suppressed)
+                        );
+                    }
+                    break;
                 }
             };
-            self.submit_chain(vring, chain, &snapshot, batch_start);
+            self.submit_parsed(ring, parsed, snapshot, batch_start);
             // A target that completes inline has finished these already:
             // hand them back while the rest of a deep batch is worked on, so
             // the guest reaps and refills in parallel instead of waiting for
@@ -349,7 +367,7 @@ impl QueueWorker {
             since_complete += 1;
             if inline_target && since_complete == mid_batch_completion() {
                 since_complete = 0;
-                self.complete(vring, mem, false);
+                self.complete(ring, state, snapshot, false);
             }
         }
     }
@@ -357,16 +375,19 @@ impl QueueWorker {
     /// Re-reads the heads a previous back-end process had taken and not
     /// completed (recorded in the inflight region), submits them again in
     /// their original order, and moves the ring past them.
-    fn resubmit_inflight(&mut self, vring: &Vring, mem: &GuestMemoryAtomic<GuestMemoryMmap>) {
+    fn resubmit_inflight(
+        &mut self,
+        ring: &mut SplitRing,
+        state: &VringState,
+        snapshot: &Arc<GuestMemoryMmap>,
+    ) {
         let Some(tracker) = self.inflight.as_mut() else {
             return;
         };
-        let snapshot: Arc<GuestMemoryMmap> = mem.memory().into_inner();
         let (size, desc_table, used_idx) = {
-            let state = vring.get_ref();
             let q = state.get_queue();
-            match q.used_idx(&*snapshot, Ordering::Acquire) {
-                Ok(u) => (q.size(), q.desc_table(), u.0),
+            match ring.used_idx() {
+                Ok(u) => (q.size(), q.desc_table(), u),
                 Err(e) => {
                     warn!(
                         "queue {}: cannot read the used index, inflight requests not resubmitted: {e}",
@@ -384,7 +405,7 @@ impl QueueWorker {
                 // the used index here would run again, into guest memory the
                 // guest may have reused, any request the previous back-end
                 // took and whose completion is not in the used ring.
-                let base = vring.queue_next_avail();
+                let base = ring.next_avail();
                 if base != used_idx {
                     warn!(
                         "queue {}: the ring starts at avail index {base} with used index \
@@ -406,11 +427,11 @@ impl QueueWorker {
             return;
         }
         // Everything between the used index and used + in-flight was taken.
-        vring.set_queue_next_avail(used_idx.wrapping_add(heads.len() as u16));
+        ring.set_next_avail(used_idx.wrapping_add(heads.len() as u16));
         if heads.is_empty() {
             return;
         }
-        let replay = match ReplayRing::new(&snapshot, desc_table, size, &heads) {
+        let replay = match ReplayRing::new(snapshot, desc_table, size, &heads) {
             Ok(r) => r,
             Err(e) => {
                 error!(
@@ -425,7 +446,8 @@ impl QueueWorker {
         let mut n = 0usize;
         let started = Instant::now();
         while let Some(chain) = queue.pop_descriptor_chain(&replay.mem) {
-            self.submit_chain(vring, chain, &snapshot, started);
+            let parsed = parse_request(chain.head_index(), chain, snapshot, &self.limits);
+            self.submit_parsed(ring, parsed, snapshot, started);
             n += 1;
         }
         info!(
@@ -434,22 +456,21 @@ impl QueueWorker {
         );
     }
 
-    /// Parses one popped chain and hands it to the target (or answers it).
-    fn submit_chain(
+    /// Hands one parsed request to the target (or answers it).
+    fn submit_parsed(
         &mut self,
-        vring: &Vring,
-        chain: DescriptorChain<&GuestMemoryMmap>,
+        ring: &mut SplitRing,
+        parsed: ParsedRequest,
         snapshot: &Arc<GuestMemoryMmap>,
         batch_start: Instant,
     ) {
         if let Some(t) = self.inflight.as_mut() {
-            t.popped(chain.head_index());
+            t.popped(parsed.head_index);
         }
-        let parsed = parse_request(chain, snapshot, &self.limits);
         let request = match parsed.request {
             Ok(r) => r,
             Err(e) => {
-                self.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+                self.stats.bad_requests.add(1);
                 if let Some(suppressed) = self.bad_input_log.allow() {
                     warn!(
                         "queue {}: bad request from guest (descriptor {}): {e}{}",
@@ -460,10 +481,10 @@ impl QueueWorker {
                 }
                 match parsed.status_addr {
                     Some(addr) => {
-                        self.finish(vring, snapshot, parsed.head_index, addr, 1, e.status())
+                        self.finish(ring, snapshot, parsed.head_index, addr, 1, e.status())
                     }
                     // No status byte: return the chain unanswered so the ring keeps moving.
-                    None => self.add_used(vring, parsed.head_index, 0),
+                    None => self.add_used(ring, parsed.head_index, 0),
                 }
                 return;
             }
@@ -477,7 +498,7 @@ impl QueueWorker {
                 self.log_data_in(snapshot, &parsed.data_in_ranges);
                 self.stats.record_answer(StatOp::GetId, 0, VIRTIO_BLK_S_OK);
                 self.finish(
-                    vring,
+                    ring,
                     snapshot,
                     parsed.head_index,
                     status_addr,
@@ -511,7 +532,13 @@ impl QueueWorker {
 
     /// Completes what the target has finished. `receive`: look for new
     /// completions (the target's fd fired); after submits only send.
-    fn complete(&mut self, vring: &Vring, mem: &GuestMemoryAtomic<GuestMemoryMmap>, receive: bool) {
+    fn complete(
+        &mut self,
+        ring: &mut SplitRing,
+        state: &VringState,
+        snapshot: &GuestMemoryMmap,
+        receive: bool,
+    ) {
         let mut done = std::mem::take(&mut self.done);
         if receive {
             self.target.poll(&mut done);
@@ -520,10 +547,9 @@ impl QueueWorker {
         }
         if done.is_empty() {
             self.done = done;
-            self.signal(vring);
+            self.signal(ring, state);
             return;
         }
-        let snapshot = mem.memory();
         let now = Instant::now();
         for c in done.drain(..) {
             let Some(entry) = self.slots.get_mut(c.tag as usize).and_then(Option::take) else {
@@ -543,10 +569,10 @@ impl QueueWorker {
             // The target wrote the data behind vm-memory's back (readv, RDMA,
             // copies): log it before the used entry tells the guest. Also on
             // errors, which may come after part of the data arrived.
-            self.log_data_in(&snapshot, &entry.data_in);
+            self.log_data_in(snapshot, &entry.data_in);
             self.finish(
-                vring,
-                &snapshot,
+                ring,
+                snapshot,
                 entry.head_index,
                 entry.status_addr,
                 len,
@@ -554,7 +580,7 @@ impl QueueWorker {
             );
         }
         self.done = done;
-        self.signal(vring);
+        self.signal(ring, state);
     }
 
     /// Marks `ranges` dirty in the frontend's log if it is logging (live
@@ -570,7 +596,7 @@ impl QueueWorker {
 
     fn finish(
         &mut self,
-        vring: &Vring,
+        ring: &mut SplitRing,
         mem: &GuestMemoryMmap,
         head: u16,
         status_addr: GuestAddress,
@@ -584,33 +610,34 @@ impl QueueWorker {
                 self.index, status_addr.0
             );
         }
-        self.add_used(vring, head, len);
+        self.add_used(ring, head, len);
     }
 
-    fn add_used(&mut self, vring: &Vring, head: u16, len: u32) {
+    fn add_used(&mut self, ring: &mut SplitRing, head: u16, len: u32) {
         if let Some(t) = &self.inflight {
             t.before_used(head);
         }
-        if let Err(e) = vring.add_used(head, len) {
-            warn!(
+        match ring.add_used(head, len) {
+            Ok(()) => self.unsignalled = self.unsignalled.wrapping_add(1),
+            Err(e) => warn!(
                 "queue {}: cannot add descriptor {head} to the used ring: {e}",
                 self.index
-            );
+            ),
         }
         if let Some(t) = &self.inflight {
-            t.after_used(head, vring.get_ref().get_queue().next_used());
+            t.after_used(head, ring.next_used());
         }
-        self.pending_signal = true;
     }
 
     /// One interrupt per batch, and only if the guest asked for it (event-idx).
-    fn signal(&mut self, vring: &Vring) {
-        if !std::mem::take(&mut self.pending_signal) {
+    fn signal(&mut self, ring: &SplitRing, state: &VringState) {
+        if self.unsignalled == 0 {
             return;
         }
-        match vring.needs_notification() {
+        let added = std::mem::take(&mut self.unsignalled);
+        match ring.needs_notification(added) {
             Ok(true) => {
-                if let Err(e) = vring.signal_used_queue() {
+                if let Err(e) = state.signal_used_queue() {
                     warn!("queue {}: cannot signal the guest: {e}", self.index);
                 }
             }
