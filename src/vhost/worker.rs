@@ -56,14 +56,15 @@ fn ring_poll(inline_target: bool) -> Duration {
 
 /// After this many requests of one batch, a worker whose target completes
 /// inline returns them to the guest before going on with the batch:
-/// `VHOST_ISER_MID_BATCH` if set (0: only at the end of the batch), else 16.
+/// `VHOST_ISER_MID_BATCH` if set (0: only at the end of the batch), else 8
+/// (measured: a fifth more IOPS than 16 at depth 32, the same at 128).
 fn mid_batch_completion() -> usize {
     static FROM_ENV: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *FROM_ENV.get_or_init(|| {
         std::env::var("VHOST_ISER_MID_BATCH")
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
-            .unwrap_or(16)
+            .unwrap_or(8)
     })
 }
 
