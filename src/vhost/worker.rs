@@ -17,7 +17,7 @@ use vm_memory::{
     GuestRegionMmap,
 };
 
-use crate::blk::buffer::{mark_dirty, GuestMemoryMmap};
+use crate::blk::buffer::{mark_dirty, write_byte, GuestMemoryMmap};
 use crate::blk::request::{
     parse_request, GuestRanges, ParsedRequest, Request, RequestLimits, ID_BYTES,
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
@@ -604,10 +604,10 @@ impl QueueWorker {
         len: u32,
         status: u8,
     ) {
-        if let Err(e) = mem.write_obj(status, status_addr) {
+        if !write_byte(mem, status_addr, status) {
             // The guest changed its memory map under an in-flight request.
             warn!(
-                "queue {}: cannot write status at {:#x}: {e}",
+                "queue {}: cannot write status at {:#x}: not guest memory any more",
                 self.index, status_addr.0
             );
         }
