@@ -23,6 +23,8 @@ usage: bench/vhost-layer.sh [options]
   --vhost-iser-bin PATH  use this vhost-iser binary instead of building this checkout's
   --qsd-read-zeroes on|off  null-co read-zeroes (default on: like null: and mem:, it fills the buffer)
   --iser-target null|mem vhost-iser's target: null (default; no storage, like null-co) or mem
+  --iser-threads N       vhost-iser --threads N (default: one worker thread per queue;
+                         1 runs all queues on one thread, as qsd does)
                          (its sparse RAM disk: adds a lock and a lookup per request)
   --out FILE             JSON output (default bench/results/vhost-layer.json)
   --no-build             do not run cargo (binaries must already exist)
@@ -44,6 +46,7 @@ poll=
 iser_bin=
 qsd_read_zeroes=on
 iser_target=null
+iser_threads=
 out="$repo/bench/results/vhost-layer.json"
 build=1
 backend_queues=4
@@ -56,6 +59,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --backends) backends=$2; shift 2 ;;
         --iser-target) iser_target=$2; shift 2 ;;
+        --iser-threads) iser_threads=$2; shift 2 ;;
         --runtime) runtime=$2; shift 2 ;;
         --reps) reps=$2; shift 2 ;;
         --size) size=$2; shift 2 ;;
@@ -78,6 +82,7 @@ done
 [[ "$reps" =~ ^[1-9][0-9]*$ ]] || die "--reps must be a positive integer"
 case "$qsd_read_zeroes" in on|off) ;; *) die "--qsd-read-zeroes must be on or off" ;; esac
 case "$iser_target" in null|mem) ;; *) die "--iser-target must be null or mem" ;; esac
+[ -z "$iser_threads" ] || [[ "$iser_threads" =~ ^[1-9][0-9]*$ ]] || die "--iser-threads must be a positive number"
 IFS=, read -r -a backend_arr <<<"$backends"
 for b in "${backend_arr[@]}"; do
     case "$b" in vhost-iser|qsd) ;; *) die "unknown backend '$b' (vhost-iser, qsd)" ;; esac
@@ -150,7 +155,7 @@ backend_cmd() {
     local b=$1 sock=$2
     case "$b" in
         vhost-iser)
-            echo "$iser_bin --socket $sock --target $iser_target:$size --queues $backend_queues --queue-size $backend_queue_size --log-level warn" ;;
+            echo "$iser_bin --socket $sock --target $iser_target:$size --queues $backend_queues${iser_threads:+ --threads $iser_threads} --queue-size $backend_queue_size --log-level warn" ;;
         qsd)
             echo "qemu-storage-daemon --blockdev driver=null-co,node-name=null0,size=$size,read-zeroes=$qsd_read_zeroes --export type=vhost-user-blk,id=exp0,node-name=null0,addr.type=unix,addr.path=$sock,writable=on,num-queues=$backend_queues" ;;
     esac

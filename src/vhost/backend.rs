@@ -276,6 +276,45 @@ impl BlkBackend {
         }
     }
 
+    /// After a batch on a thread that serves several queues: watches all of
+    /// the thread's rings for the poll window and serves whichever gets
+    /// requests, restarting the window each time. This is what a worker
+    /// with a thread of its own does for its one ring (a busy guest then
+    /// queues without a kick and without a wake-up here); one ring alone
+    /// would leave the others' kicks waiting while it spins.
+    fn poll_thread_rings(&self, thread_id: usize, vrings: &[Vring], event_idx: bool) {
+        let queues = || (0..vrings.len()).map(|i| (thread_id + i * self.threads, &vrings[i]));
+        let window = queues()
+            .filter(|&(q, _)| q < self.num_queues)
+            .map(|(q, _)| self.worker(q).poll_window())
+            .min()
+            .unwrap_or_default();
+        if window.is_zero() {
+            return;
+        }
+        let mut until = Instant::now() + window;
+        loop {
+            let mut served = false;
+            for (q, vring) in queues() {
+                if q >= self.num_queues {
+                    continue;
+                }
+                let mut worker = self.worker(q);
+                if worker.has_available(vring) {
+                    worker.process_queue(vring, event_idx);
+                    served = true;
+                }
+            }
+            let now = Instant::now();
+            if served {
+                until = now + window;
+            } else if now >= until {
+                return;
+            }
+            std::hint::spin_loop();
+        }
+    }
+
     /// The epoll data value for queue `index`'s target fd: above the range
     /// vhost-user-backend reserves for queues and its exit event.
     fn target_event_id(&self, index: usize) -> u64 {
@@ -475,11 +514,17 @@ impl VhostUserBackend for BlkBackend {
         let Some(vring) = vrings.get(queue / self.threads) else {
             return Ok(());
         };
-        let mut worker = self.worker(queue);
-        if kick {
-            worker.process_queue(vring, self.event_idx.load(Ordering::Relaxed));
-        } else {
-            worker.process_target(vring);
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        {
+            let mut worker = self.worker(queue);
+            if kick {
+                worker.process_queue(vring, event_idx);
+            } else {
+                worker.process_target(vring);
+            }
+        }
+        if kick && event_idx && self.threads < self.num_queues {
+            self.poll_thread_rings(thread_id, vrings, event_idx);
         }
         Ok(())
     }

@@ -284,12 +284,35 @@ impl QueueWorker {
         ring.store_indexes(state.get_queue_mut());
     }
 
+    /// How long this queue's ring is watched after a batch ([`ring_poll`]).
+    pub fn poll_window(&self) -> Duration {
+        ring_poll(self.target.event_fd().is_none())
+    }
+
+    /// Whether the guest made requests available that this worker has not
+    /// taken (a cheap look for a thread that watches several rings).
+    pub fn has_available(&self, vring: &Vring) -> bool {
+        if self.draining {
+            return false;
+        }
+        let Some(mem) = &self.mem else {
+            return false;
+        };
+        let snapshot = mem.memory();
+        let state = vring.get_ref();
+        let q = state.get_queue();
+        q.ready()
+            && q.avail_idx(&*snapshot, Ordering::Acquire)
+                .is_ok_and(|idx| idx.0 != q.next_avail())
+    }
+
     /// Spins up to [`ring_poll`]'s window for new available descriptors;
     /// true if some came.
     fn ring_poll_window(&self, ring: &SplitRing) -> bool {
-        let window = ring_poll(self.target.event_fd().is_none());
-        // A thread that serves other queues too must not spin on this one's
-        // ring while their kicks wait.
+        let window = self.poll_window();
+        // A thread that serves other queues too watches all their rings
+        // (`BlkBackend::poll_thread_rings`), not this one alone, or their
+        // kicks would wait while it spins.
         if window.is_zero() || self.shares_thread {
             return false;
         }
