@@ -7,9 +7,11 @@
 //! a worker's time. The three areas are contiguous guest memory, almost always
 //! inside one memory region each, so a worker resolves them to host pointers
 //! once per batch ([`SplitRing::new`]) and then reads a descriptor with one
-//! volatile load. An area that straddles two regions falls back to
-//! vm-memory's accessors; one that is not guest memory at all refuses the
-//! queue.
+//! volatile copy. An area that straddles two regions, or is misaligned, falls
+//! back to vm-memory's accessors, which refuse what is not guest memory: the
+//! access fails with a [`RingError`] that the worker logs. The guest wrote
+//! its descriptors and headers on another CPU, so [`SplitRing::pop`] also
+//! prefetches them a request or two ahead.
 //!
 //! The guest is not trusted, and the rules are virtio-queue's, so a chain
 //! means the same thing on both paths: a chain ends after as many descriptors

@@ -251,6 +251,22 @@ impl QueueWorker {
             );
             return;
         };
+        // One batch per pass, each with the current memory table and the
+        // vring lock held for the pass only: a busy guest can keep this loop
+        // going for a long time, and the front-end's GET_VRING_BASE (which
+        // takes the lock) or a new memory table must get in between.
+        while self.process_batch(vring, &mem, event_idx) {}
+    }
+
+    /// One pass of [`QueueWorker::process_queue`]: takes up to one ring's
+    /// worth of requests, completes what is done, watches the ring for the
+    /// poll window. True if more requests are waiting.
+    fn process_batch(
+        &mut self,
+        vring: &Vring,
+        mem: &GuestMemoryAtomic<GuestMemoryMmap>,
+        event_idx: bool,
+    ) -> bool {
         let snapshot: Arc<GuestMemoryMmap> = mem.memory().into_inner();
         let mut state = vring.get_mut();
         let mut ring = SplitRing::new(state.get_queue(), &snapshot);
@@ -259,29 +275,29 @@ impl QueueWorker {
         }
         // With event-idx, notifications need no disabling: the guest kicks
         // once per avail_event value, which only enable_notification moves.
-        loop {
-            self.pop_and_submit(&mut ring, &state, &snapshot);
-            self.complete(&mut ring, &state, &snapshot, false);
-            if !event_idx {
-                break;
-            }
-            // Adaptive ring polling: a busy guest usually queues more within a
-            // few microseconds; looking at the avail index for a short window
-            // saves the kick (an eventfd write in the guest, a wake-up and a
-            // read here). An idle queue pays one window per batch.
-            if self.ring_poll_window(&ring) {
-                continue;
-            }
+        let cut_short = self.pop_and_submit(&mut ring, &state, &snapshot);
+        self.complete(&mut ring, &state, &snapshot, false);
+        let more = if cut_short {
+            true
+        } else if !event_idx {
+            false
+        } else if self.ring_poll_window(&ring) {
+            // Adaptive ring polling: a busy guest usually queues more within
+            // a few microseconds; looking at the avail index for a short
+            // window saves the kick (an eventfd write in the guest, a wake-up
+            // and a read here). An idle queue pays one window per batch.
+            true
+        } else {
             match ring.enable_notification() {
-                Ok(true) => continue, // more requests arrived meanwhile
-                Ok(false) => break,
+                Ok(more) => more, // true: requests arrived meanwhile
                 Err(e) => {
                     warn!("queue {}: cannot enable notifications: {e}", self.index);
-                    break;
+                    false
                 }
             }
-        }
+        };
         ring.store_indexes(state.get_queue_mut());
+        more
     }
 
     /// How long this queue's ring is watched after a batch ([`ring_poll`]).
@@ -357,20 +373,23 @@ impl QueueWorker {
         self.draining = true;
     }
 
+    /// Takes and submits what the ring has, at most one ring's worth; true
+    /// if it stopped there with more waiting (a guest refilling as fast as
+    /// we complete would otherwise keep one pass going without end).
     fn pop_and_submit(
         &mut self,
         ring: &mut SplitRing,
         state: &VringState,
         snapshot: &Arc<GuestMemoryMmap>,
-    ) {
+    ) -> bool {
         // One clock read per batch: latency is measured from the batch start.
         let batch_start = Instant::now();
         let inline_target = self.target.event_fd().is_none();
         let mut since_complete = 0usize;
-        loop {
+        for _ in 0..ring.size() {
             let parsed = match ring.pop() {
                 Ok(Some(chain)) => parse_request(chain.head_index(), chain, snapshot, &self.limits),
-                Ok(None) => break,
+                Ok(None) => return false,
                 Err(e) => {
                     if let Some(suppressed) = self.bad_input_log.allow() {
                         warn!(
@@ -379,7 +398,7 @@ impl QueueWorker {
                             suppressed_note(suppressed)
                         );
                     }
-                    break;
+                    return false;
                 }
             };
             self.submit_parsed(ring, parsed, snapshot, batch_start);
@@ -394,6 +413,7 @@ impl QueueWorker {
                 self.complete(ring, state, snapshot, false);
             }
         }
+        true
     }
 
     /// Re-reads the heads a previous back-end process had taken and not
@@ -811,6 +831,44 @@ mod tests {
     fn used_elem(m: &GuestMemoryMmap, vq: &MockSplitQueue<GuestMemoryMmap>, i: u64) -> u32 {
         m.read_obj::<u32>(vq.used_addr().unchecked_add(4 + 8 * i))
             .unwrap()
+    }
+
+    /// A ring made full at once (every entry the same read, as a buggy or
+    /// hostile guest may) is served completely, over passes of at most one
+    /// ring's worth each, and so is a second full round that wraps around.
+    #[test]
+    fn full_rings_are_served_in_bounded_passes() {
+        let gm = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap();
+        let vq = MockSplitQueue::new(&gm, QSIZE);
+        vq.add_desc_chains(&chain(&gm, 0, VIRTIO_BLK_T_IN), 0)
+            .unwrap();
+        // The mock's rings have room for 8 available entries only (its used
+        // ring starts after them): rings of 16 full entries of our own.
+        let (avail, used) = (GuestAddress(0x1000), GuestAddress(0x2000));
+        let mem = GuestMemoryAtomic::new(gm.clone());
+        let vring = vring_on(&mem, &vq);
+        vring
+            .set_queue_info(vq.desc_table_addr().0, avail.0, used.0)
+            .unwrap();
+        vring.set_queue_ready(true);
+        let mut w = worker(&mem);
+        for round in 1..=2u16 {
+            for k in 0..QSIZE {
+                gm.write_obj(0u16, avail.unchecked_add(4 + 2 * u64::from(k)))
+                    .unwrap();
+            }
+            gm.write_obj(round * QSIZE, avail.unchecked_add(2)).unwrap();
+            w.process_queue(&vring, false);
+            assert_eq!(vring.queue_next_avail(), round * QSIZE, "round {round}");
+            let used_idx: u16 = gm.read_obj(used.unchecked_add(2)).unwrap();
+            assert_eq!(used_idx, round * QSIZE, "round {round}");
+            for i in 0..u64::from(QSIZE) {
+                let elem: [u32; 2] = gm.read_obj(used.unchecked_add(4 + 8 * i)).unwrap();
+                assert_eq!(elem, [0, 513], "round {round} entry {i}");
+            }
+            assert_eq!(gm.read_obj::<u8>(status(0)).unwrap(), VIRTIO_BLK_S_OK);
+        }
+        assert_eq!(w.in_flight(), 0);
     }
 
     /// A "previous back-end" took three writes and completed only the
