@@ -108,7 +108,15 @@ impl<'m> Area<'m> {
     /// memory).
     fn resolve(mem: &'m GuestMemoryMmap, addr: GuestAddress, len: u64, align: u64) -> Area<'m> {
         match host_range(mem, addr, len) {
-            Some(area) if addr.0.is_multiple_of(align) => area,
+            // The host address is checked too: a front-end may place a
+            // region at an odd guest address, and an atomic access through
+            // a misaligned pointer is undefined behaviour.
+            Some(area @ Area::Host { ptr, .. })
+                if addr.0.is_multiple_of(align)
+                    && (ptr as usize).is_multiple_of(align as usize) =>
+            {
+                area
+            }
             _ => Area::Guest(addr),
         }
     }
@@ -122,15 +130,15 @@ impl<'m> Area<'m> {
     ) -> Result<u16, RingError> {
         match self {
             // SAFETY: `offset + 2` lies inside the area (callers pass offsets
-            // within the length `resolve` checked), the area is 2-aligned
-            // (checked in `resolve`; offsets are even) and mapped for as long
-            // as the ring's `mem` borrow lives. The guest writes the same
+            // within the length `resolve` checked), the host address is
+            // 2-aligned (checked in `resolve`; offsets are even) and mapped
+            // for as long as the ring's `mem` borrow lives. The guest writes the same
             // u16 concurrently: an atomic access is the right one.
             Area::Host { ptr, .. } => Ok(u16::from_le(unsafe {
                 AtomicU16::from_ptr(ptr.add(offset as usize).cast::<u16>()).load(order)
             })),
             Area::Guest(a) => mem
-                .load::<u16>(a.unchecked_add(offset), order)
+                .load::<u16>(guest_at(a, offset, what)?, order)
                 .map(u16::from_le)
                 .map_err(|_| access(what, a, offset)),
         }
@@ -157,7 +165,7 @@ impl<'m> Area<'m> {
                 Ok(())
             }
             Area::Guest(a) => mem
-                .store(val.to_le(), a.unchecked_add(offset), order)
+                .store(val.to_le(), guest_at(a, offset, what)?, order)
                 .map_err(|_| access(what, a, offset)),
         }
     }
@@ -178,7 +186,7 @@ impl<'m> Area<'m> {
             }
             Area::Guest(a) => {
                 let mut out = [0u8; N];
-                mem.read_slice(&mut out, a.unchecked_add(offset))
+                mem.read_slice(&mut out, guest_at(a, offset, what)?)
                     .map_err(|_| access(what, a, offset))?;
                 Ok(out)
             }
@@ -203,10 +211,20 @@ impl<'m> Area<'m> {
                 Ok(())
             }
             Area::Guest(a) => mem
-                .write_slice(&bytes, a.unchecked_add(offset))
+                .write_slice(&bytes, guest_at(a, offset, what)?)
                 .map_err(|_| access(what, a, offset)),
         }
     }
+}
+
+/// `base + offset`, refused when it passes the end of the address space.
+fn guest_at(
+    base: GuestAddress,
+    offset: u64,
+    what: &'static str,
+) -> Result<GuestAddress, RingError> {
+    base.checked_add(offset)
+        .ok_or_else(|| access(what, base, offset))
 }
 
 fn access(area: &'static str, base: GuestAddress, offset: u64) -> RingError {
@@ -369,10 +387,16 @@ impl<'m> SplitRing<'m> {
             .map(Wrapping)
     }
 
-    /// Whether the guest has made entries available that the device has not
-    /// taken.
+    /// Whether [`SplitRing::pop`] would give a chain: the queue is ready and
+    /// the guest made entries available, no more than a ring's worth (a
+    /// guest that ran further is broken and is not served: saying yes here
+    /// would have a poller spin on a ring it never takes from).
     pub fn has_available(&self) -> Result<bool, RingError> {
-        Ok(self.avail_idx()? != self.next_avail)
+        if !self.ready {
+            return Ok(false);
+        }
+        let ahead = (self.avail_idx()? - self.next_avail).0;
+        Ok(ahead != 0 && ahead <= self.size)
     }
 
     /// Takes the next available chain: its head index and its descriptors.
@@ -860,6 +884,26 @@ mod tests {
         assert!(matches!(ring.pop(), Err(RingError::NotReady)));
         ring.add_used(0, 1).unwrap();
         assert_eq!(ring.next_used(), 1);
+    }
+
+    /// A region at an odd guest address puts aligned guest addresses at
+    /// misaligned host addresses: no atomic access through such a pointer
+    /// (undefined behaviour); vm-memory refuses the access instead, as it
+    /// does for virtio-queue.
+    #[test]
+    fn misaligned_host_addresses_go_through_vm_memory() {
+        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0x1001), 0x10000)]).unwrap();
+        let mut queue = Queue::new(16).unwrap();
+        queue.set_size(16);
+        queue.set_desc_table_address(Some(0x2000), Some(0));
+        queue.set_avail_ring_address(Some(0x3000), Some(0));
+        queue.set_used_ring_address(Some(0x4000), Some(0));
+        queue.set_ready(true);
+        let mut ring = SplitRing::new(&queue, &m);
+        assert!(matches!(ring.avail, Area::Guest(_)));
+        assert!(matches!(ring.used, Area::Guest(_)));
+        assert!(matches!(ring.pop(), Err(RingError::Access { .. })));
+        assert!(matches!(ring.add_used(0, 1), Err(RingError::Access { .. })));
     }
 
     /// Rings that straddle two regions work through vm-memory.

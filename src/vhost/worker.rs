@@ -5,6 +5,7 @@
 //! thread vhost-user-backend creates for it), so nothing here is shared
 //! between queues.
 
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,7 +28,7 @@ use crate::log_limit::{suppressed_note, LogLimiter};
 use crate::metrics::{self, LatencyHistogram, OwnedCounter, StatOp, StatStamp};
 
 use super::inflight::{QueueInflight, Recovery};
-use super::ring::SplitRing;
+use super::ring::{RingError, SplitRing};
 
 /// A virtqueue over the backend's guest memory (regions with dirty bitmaps).
 pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemoryMmap>>;
@@ -122,6 +123,22 @@ impl QueueStats {
     }
 }
 
+/// How long one [`QueueWorker::process_queue`] call (or a thread's watch
+/// over its rings) may keep serving busy rings before it lets the event loop,
+/// and the main thread's requests for the worker, in.
+pub const PASS_BUDGET: Duration = Duration::from_millis(2);
+
+/// How [`QueueWorker::pop_and_submit`] ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PopEnd {
+    /// The ring is empty.
+    Drained,
+    /// One ring's worth was taken; more may be waiting.
+    CutShort,
+    /// The ring cannot be served: stopped, or its available index is broken.
+    Refused,
+}
+
 /// A request handed to the target, waiting for its completion.
 struct InFlight {
     head_index: u16,
@@ -163,6 +180,11 @@ pub struct QueueWorker {
     /// The worker thread serves other queues too (`--threads` below
     /// `--queues`): no ring polling.
     shares_thread: bool,
+    /// How long the ring is watched after a batch ([`ring_poll`]).
+    poll_window: Duration,
+    /// Passes of `process_batch` so far (tests count them).
+    #[cfg(test)]
+    passes: usize,
 }
 
 impl QueueWorker {
@@ -175,6 +197,7 @@ impl QueueWorker {
         writeback: Arc<AtomicBool>,
         dirty_log: Arc<AtomicBool>,
     ) -> Self {
+        let inline_target = target.event_fd().is_none();
         let mut id = [0u8; ID_BYTES];
         let n = serial.len().min(ID_BYTES);
         id[..n].copy_from_slice(&serial[..n]);
@@ -196,6 +219,9 @@ impl QueueWorker {
             inflight: None,
             recover_pending: false,
             shares_thread: false,
+            poll_window: ring_poll(inline_target),
+            #[cfg(test)]
+            passes: 0,
         }
     }
 
@@ -254,8 +280,38 @@ impl QueueWorker {
         // One batch per pass, each with the current memory table and the
         // vring lock held for the pass only: a busy guest can keep this loop
         // going for a long time, and the front-end's GET_VRING_BASE (which
-        // takes the lock) or a new memory table must get in between.
-        while self.process_batch(vring, &mem, event_idx) {}
+        // takes the lock) must get in between. The worker's own lock (which
+        // the main thread takes for a new memory table, the inflight region,
+        // a stop or a drain) is held by our caller for the whole call, so
+        // the call ends after PASS_BUDGET with a kick to ourselves: the
+        // event loop comes back here, and the main thread gets in between.
+        let started = Instant::now();
+        while self.process_batch(vring, &mem, event_idx) {
+            if started.elapsed() >= PASS_BUDGET {
+                self.kick_self(vring);
+                return;
+            }
+        }
+    }
+
+    /// Makes the queue's kick eventfd readable, as a guest kick does, so the
+    /// event loop calls [`QueueWorker::process_queue`] again.
+    fn kick_self(&self, vring: &Vring) {
+        let state = vring.get_ref();
+        let Some(kick) = state.get_kick() else {
+            return;
+        };
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live local buffer to the kick fd,
+        // which `state` keeps open for the duration of the call.
+        let n = unsafe { libc::write(kick.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        if n != one.len() as isize {
+            warn!(
+                "queue {}: cannot re-arm the kick eventfd: {}",
+                self.index,
+                std::io::Error::last_os_error()
+            );
+        }
     }
 
     /// One pass of [`QueueWorker::process_queue`]: takes up to one ring's
@@ -275,11 +331,17 @@ impl QueueWorker {
         }
         // With event-idx, notifications need no disabling: the guest kicks
         // once per avail_event value, which only enable_notification moves.
-        let cut_short = self.pop_and_submit(&mut ring, &state, &snapshot);
+        let end = self.pop_and_submit(&mut ring, &state, &snapshot);
         self.complete(&mut ring, &state, &snapshot, false);
-        let more = if cut_short {
+        #[cfg(test)]
+        {
+            self.passes += 1;
+        }
+        let more = if end == PopEnd::CutShort {
             true
-        } else if !event_idx {
+        } else if end == PopEnd::Refused || !event_idx {
+            // A stopped or broken ring: nothing to poll for; the next kick
+            // (after the front-end restarts the queue) comes back here.
             false
         } else if self.ring_poll_window(&ring) {
             // Adaptive ring polling: a busy guest usually queues more within
@@ -302,11 +364,13 @@ impl QueueWorker {
 
     /// How long this queue's ring is watched after a batch ([`ring_poll`]).
     pub fn poll_window(&self) -> Duration {
-        ring_poll(self.target.event_fd().is_none())
+        self.poll_window
     }
 
-    /// Whether the guest made requests available that this worker has not
-    /// taken (a cheap look for a thread that watches several rings).
+    /// Whether the guest made requests available that this worker would
+    /// take (a cheap look for a thread that watches several rings): the
+    /// queue is ready and the available index at most a ring ahead, the
+    /// rules of [`SplitRing::has_available`].
     pub fn has_available(&self, vring: &Vring) -> bool {
         if self.draining {
             return false;
@@ -318,8 +382,10 @@ impl QueueWorker {
         let state = vring.get_ref();
         let q = state.get_queue();
         q.ready()
-            && q.avail_idx(&*snapshot, Ordering::Acquire)
-                .is_ok_and(|idx| idx.0 != q.next_avail())
+            && q.avail_idx(&*snapshot, Ordering::Acquire).is_ok_and(|idx| {
+                let ahead = idx.0.wrapping_sub(q.next_avail());
+                ahead != 0 && ahead <= q.size()
+            })
     }
 
     /// Spins up to [`ring_poll`]'s window for new available descriptors;
@@ -373,15 +439,15 @@ impl QueueWorker {
         self.draining = true;
     }
 
-    /// Takes and submits what the ring has, at most one ring's worth; true
-    /// if it stopped there with more waiting (a guest refilling as fast as
-    /// we complete would otherwise keep one pass going without end).
+    /// Takes and submits what the ring has, at most one ring's worth (a
+    /// guest refilling as fast as we complete would otherwise keep one pass
+    /// going without end).
     fn pop_and_submit(
         &mut self,
         ring: &mut SplitRing,
         state: &VringState,
         snapshot: &Arc<GuestMemoryMmap>,
-    ) -> bool {
+    ) -> PopEnd {
         // One clock read per batch: latency is measured from the batch start.
         let batch_start = Instant::now();
         let inline_target = self.target.event_fd().is_none();
@@ -389,7 +455,9 @@ impl QueueWorker {
         for _ in 0..ring.size() {
             let parsed = match ring.pop() {
                 Ok(Some(chain)) => parse_request(chain.head_index(), chain, snapshot, &self.limits),
-                Ok(None) => return false,
+                Ok(None) => return PopEnd::Drained,
+                // Stopped by the front-end (GET_VRING_BASE): not news.
+                Err(RingError::NotReady) => return PopEnd::Refused,
                 Err(e) => {
                     if let Some(suppressed) = self.bad_input_log.allow() {
                         warn!(
@@ -398,7 +466,7 @@ impl QueueWorker {
                             suppressed_note(suppressed)
                         );
                     }
-                    return false;
+                    return PopEnd::Refused;
                 }
             };
             self.submit_parsed(ring, parsed, snapshot, batch_start);
@@ -413,7 +481,7 @@ impl QueueWorker {
                 self.complete(ring, state, snapshot, false);
             }
         }
-        true
+        PopEnd::CutShort
     }
 
     /// Re-reads the heads a previous back-end process had taken and not
@@ -833,42 +901,199 @@ mod tests {
             .unwrap()
     }
 
-    /// A ring made full at once (every entry the same read, as a buggy or
-    /// hostile guest may) is served completely, over passes of at most one
-    /// ring's worth each, and so is a second full round that wraps around.
-    #[test]
-    fn full_rings_are_served_in_bounded_passes() {
-        let gm = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap();
-        let vq = MockSplitQueue::new(&gm, QSIZE);
-        vq.add_desc_chains(&chain(&gm, 0, VIRTIO_BLK_T_IN), 0)
-            .unwrap();
-        // The mock's rings have room for 8 available entries only (its used
-        // ring starts after them): rings of 16 full entries of our own.
+    /// Three valid reads (heads 0, 3, 6) and seven chains of a lone status
+    /// byte (heads 9..=15, refused with IOERR), on rings of our own: the
+    /// mock's rings have room for 8 available entries only (its used ring
+    /// starts after them).
+    fn mixed_ring(gm: &GuestMemoryMmap) -> (Vring, GuestAddress, GuestAddress, [u16; 10]) {
+        let vq = MockSplitQueue::new(gm, QSIZE);
+        let mut descs = Vec::new();
+        for i in 0..3 {
+            descs.extend(chain(gm, i, VIRTIO_BLK_T_IN));
+        }
+        for i in 9..16u64 {
+            descs.push(RawDescriptor::from(SplitDescriptor::new(
+                status(i).0,
+                1,
+                F_WRITE,
+                0,
+            )));
+        }
+        vq.add_desc_chains(&descs, 0).unwrap();
         let (avail, used) = (GuestAddress(0x1000), GuestAddress(0x2000));
         let mem = GuestMemoryAtomic::new(gm.clone());
         let vring = vring_on(&mem, &vq);
         vring
             .set_queue_info(vq.desc_table_addr().0, avail.0, used.0)
             .unwrap();
+        vring.set_queue_event_idx(true);
         vring.set_queue_ready(true);
+        (vring, avail, used, [0, 3, 6, 9, 10, 11, 12, 13, 14, 15])
+    }
+
+    /// Full rings (16 entries at once, twice, the second round wrapping the
+    /// ring) are served completely, each entry once, in passes of at most one
+    /// ring's worth: two passes per round (the full ring, then the empty
+    /// one that re-arms notifications).
+    #[test]
+    fn full_rings_are_served_in_bounded_passes() {
+        let gm = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap();
+        let (vring, avail, used, heads) = mixed_ring(&gm);
+        let mem = GuestMemoryAtomic::new(gm.clone());
         let mut w = worker(&mem);
+        let mut n = 0u64;
         for round in 1..=2u16 {
             for k in 0..QSIZE {
-                gm.write_obj(0u16, avail.unchecked_add(4 + 2 * u64::from(k)))
+                let head = heads[(n as usize + usize::from(k)) % heads.len()];
+                gm.write_obj(head, avail.unchecked_add(4 + 2 * u64::from(k)))
                     .unwrap();
             }
             gm.write_obj(round * QSIZE, avail.unchecked_add(2)).unwrap();
-            w.process_queue(&vring, false);
+            w.process_queue(&vring, true);
+            assert_eq!(w.passes, 2 * usize::from(round), "round {round}");
             assert_eq!(vring.queue_next_avail(), round * QSIZE, "round {round}");
             let used_idx: u16 = gm.read_obj(used.unchecked_add(2)).unwrap();
             assert_eq!(used_idx, round * QSIZE, "round {round}");
-            for i in 0..u64::from(QSIZE) {
-                let elem: [u32; 2] = gm.read_obj(used.unchecked_add(4 + 8 * i)).unwrap();
-                assert_eq!(elem, [0, 513], "round {round} entry {i}");
-            }
-            assert_eq!(gm.read_obj::<u8>(status(0)).unwrap(), VIRTIO_BLK_S_OK);
+            // Refused chains are answered at once, reads when the target
+            // completes them: the same entries, not in the same order.
+            let mut want: Vec<[u32; 2]> = (0..u64::from(QSIZE))
+                .map(|i| {
+                    let head = heads[(n + i) as usize % heads.len()];
+                    [u32::from(head), if head < 9 { 513 } else { 1 }]
+                })
+                .collect();
+            let mut got: Vec<[u32; 2]> = (0..u64::from(QSIZE))
+                .map(|i| gm.read_obj(used.unchecked_add(4 + 8 * i)).unwrap())
+                .collect();
+            want.sort_unstable();
+            got.sort_unstable();
+            assert_eq!(got, want, "round {round}");
+            n += u64::from(QSIZE);
+            // Notifications re-armed where the device stands (avail_event).
+            let avail_event: u16 = gm.read_obj(used.unchecked_add(4 + 8 * 16)).unwrap();
+            assert_eq!(avail_event, round * QSIZE);
         }
+        assert_eq!(gm.read_obj::<u8>(status(0)).unwrap(), VIRTIO_BLK_S_OK);
+        assert_eq!(gm.read_obj::<u8>(status(9)).unwrap(), VIRTIO_BLK_S_IOERR);
         assert_eq!(w.in_flight(), 0);
+    }
+
+    /// Requests the guest queues while the worker watches its ring are
+    /// served (a pass whose poll found work goes on, or, past the pass
+    /// budget, the worker kicks itself and the event loop brings it back),
+    /// and serving ends with notifications re-armed behind them.
+    #[test]
+    fn requests_found_by_the_ring_poll_are_served() {
+        use std::os::fd::{FromRawFd, IntoRawFd};
+        use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+        let gm = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap();
+        let (vring, avail, used, heads) = mixed_ring(&gm);
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        // SAFETY: the fd is a fresh duplicate that the File takes over.
+        let file = unsafe { std::fs::File::from_raw_fd(kick.try_clone().unwrap().into_raw_fd()) };
+        vring.set_kick(Some(file));
+        let put = |k: u16| {
+            let head = heads[usize::from(k) % heads.len()];
+            gm.write_obj(head, avail.unchecked_add(4 + 2 * u64::from(k % QSIZE)))
+                .unwrap();
+        };
+        for k in 0..4 {
+            put(k);
+        }
+        gm.write_obj(4u16, avail.unchecked_add(2)).unwrap();
+        let mem = GuestMemoryAtomic::new(gm.clone());
+        let mut w = worker(&mem);
+        // Long enough for the other thread to queue more after the first
+        // batch, whatever the machine's load.
+        w.poll_window = Duration::from_secs(2);
+        let v = vring.clone();
+        let worker_thread = std::thread::spawn(move || {
+            // The event loop: serve, and again while the kick fd is set.
+            let mut calls = 0;
+            loop {
+                w.process_queue(&v, true);
+                calls += 1;
+                if kick.read().is_err() {
+                    break;
+                }
+            }
+            (w.passes, calls)
+        });
+        let used_idx = || gm.read_obj::<u16>(used.unchecked_add(2)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while used_idx() < 4 {
+            assert!(Instant::now() < deadline, "first batch not served");
+            std::thread::yield_now();
+        }
+        for k in 4..9 {
+            put(k);
+        }
+        gm.write_obj(9u16, avail.unchecked_add(2)).unwrap();
+        let (passes, calls) = worker_thread.join().unwrap();
+        assert_eq!(used_idx(), 9, "requests queued during the poll window");
+        assert_eq!(vring.queue_next_avail(), 9);
+        assert!(passes >= 2, "{passes} passes in {calls} calls");
+        let avail_event: u16 = gm.read_obj(used.unchecked_add(4 + 8 * 16)).unwrap();
+        assert_eq!(avail_event, 9, "notifications re-armed at the end");
+    }
+
+    /// Runs `f` on a thread; false if it has not returned within 5 s.
+    fn returns_in_time(f: impl FnOnce() + Send + 'static) -> bool {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            f();
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(Duration::from_secs(5)).is_ok()
+    }
+
+    /// A guest whose available index runs more than a ring ahead is not
+    /// served, and the worker does not spin on it (with event-idx, the ring
+    /// poll and the re-arm saw "more" on every pass and never returned).
+    #[test]
+    fn runaway_avail_index_is_refused_without_spinning() {
+        let gm = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap();
+        let (vring, avail, used, _) = mixed_ring(&gm);
+        gm.write_obj(QSIZE + 1, avail.unchecked_add(2)).unwrap();
+        let mem = GuestMemoryAtomic::new(gm.clone());
+        let mut w = worker(&mem);
+        let v = vring.clone();
+        assert!(
+            returns_in_time(move || {
+                w.process_queue(&v, true);
+                // One pass, not a spin cut short by the pass budget.
+                assert_eq!(w.passes, 1);
+                assert!(!w.has_available(&v));
+            }),
+            "process_queue spins on a broken ring"
+        );
+        assert_eq!(gm.read_obj::<u16>(used.unchecked_add(2)).unwrap(), 0);
+        assert_eq!(vring.queue_next_avail(), 0);
+    }
+
+    /// A kick that arrives after the front-end stopped the ring (ready
+    /// false, entries still available) returns at once and takes nothing.
+    #[test]
+    fn stopped_ring_with_entries_is_left_alone() {
+        let gm = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap();
+        let (vring, avail, used, _) = mixed_ring(&gm);
+        gm.write_obj(0u16, avail.unchecked_add(4)).unwrap();
+        gm.write_obj(1u16, avail.unchecked_add(2)).unwrap();
+        vring.set_queue_ready(false);
+        let mem = GuestMemoryAtomic::new(gm.clone());
+        let mut w = worker(&mem);
+        let v = vring.clone();
+        assert!(
+            returns_in_time(move || {
+                w.process_queue(&v, true);
+                // One pass, not a spin cut short by the pass budget.
+                assert_eq!(w.passes, 1);
+                assert!(!w.has_available(&v));
+            }),
+            "process_queue spins on a stopped ring"
+        );
+        assert_eq!(gm.read_obj::<u16>(used.unchecked_add(2)).unwrap(), 0);
+        assert_eq!(vring.queue_next_avail(), 0);
     }
 
     /// A "previous back-end" took three writes and completed only the
