@@ -699,13 +699,14 @@ mod tests {
     }
 
     /// Random descriptor tables (loops, indirect tables, nested indirect,
-    /// indexes past the table, tables outside memory or across regions):
-    /// both walks yield the same descriptors, the same heads, and stop at
-    /// the same point.
+    /// indexes past the table, tables outside memory or across regions) at
+    /// random ring positions (the 16-bit index wrapping included): both
+    /// walks yield the same descriptors, the same heads, stop at the same
+    /// point, and refuse the same runaway available indexes.
     #[test]
     fn walks_like_virtio_queue() {
         let mut rng = fastrand::Rng::with_seed(7);
-        let (mut compared, mut long_chains) = (0, 0);
+        let (mut compared, mut long_chains, mut refused) = (0, 0, 0);
         for round in 0..2000 {
             let m = mem();
             let size: u16 = 1 << rng.u32(1..5);
@@ -732,16 +733,39 @@ mod tests {
             let junk: Vec<u8> = (0..0x100).map(|_| rng.u8(..)).collect();
             m.write_slice(&junk, GuestAddress(0x8000)).unwrap();
             let heads = rng.u16(1..=size);
+            // Anywhere in the index space, wrapping included.
+            let start = rng.u16(..);
             for k in 0..heads {
                 let head = rng.u16(0..size + 1);
-                m.write_obj(head, vq.avail_addr().unchecked_add(4 + 2 * u64::from(k)))
+                let slot = start.wrapping_add(k) % size;
+                m.write_obj(head, vq.avail_addr().unchecked_add(4 + 2 * u64::from(slot)))
                     .unwrap();
             }
-            m.write_obj(heads, vq.avail_addr().unchecked_add(2))
+            // Now and then an available index more than a ring ahead:
+            // both refuse it.
+            let runaway = rng.u32(0..10) == 0;
+            let avail_idx = if runaway {
+                start.wrapping_add(size + 1 + rng.u16(0..100))
+            } else {
+                start.wrapping_add(heads)
+            };
+            m.write_obj(avail_idx, vq.avail_addr().unchecked_add(2))
                 .unwrap();
             let mut reference: Queue = vq.create_queue().unwrap();
-            let queue: Queue = vq.create_queue().unwrap();
+            reference.set_next_avail(start);
+            let mut queue: Queue = vq.create_queue().unwrap();
+            queue.set_next_avail(start);
             let mut ring = SplitRing::new(&queue, &m);
+            if runaway {
+                assert!(reference.iter(&m).is_err(), "round {round}");
+                assert!(
+                    matches!(ring.pop(), Err(RingError::AvailIndexAhead { .. })),
+                    "round {round}"
+                );
+                assert!(!ring.has_available().unwrap());
+                refused += 1;
+                continue;
+            }
             let mut popped = 0;
             let mut iter = reference.iter(&m).unwrap();
             loop {
@@ -767,8 +791,8 @@ mod tests {
         }
         // The random tables are not all trivial.
         assert!(
-            compared > 5000 && long_chains > 200,
-            "{compared} {long_chains}"
+            compared > 5000 && long_chains > 200 && refused > 100,
+            "{compared} {long_chains} {refused}"
         );
     }
 
