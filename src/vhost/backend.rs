@@ -277,44 +277,67 @@ impl BlkBackend {
     }
 
     /// After a batch on a thread that serves several queues: watches all of
-    /// the thread's rings for the poll window and serves whichever gets
-    /// requests, restarting the window each time. This is what a worker
-    /// with a thread of its own does for its one ring (a busy guest then
-    /// queues without a kick and without a wake-up here); one ring alone
-    /// would leave the others' kicks waiting while it spins.
-    fn poll_thread_rings(&self, thread_id: usize, vrings: &[Vring], event_idx: bool) {
-        let queues = || (0..vrings.len()).map(|i| (thread_id + i * self.threads, &vrings[i]));
+    /// the thread's rings for the poll window and serves, in turns of one
+    /// pass, whichever has requests, restarting the window each time. This
+    /// is what a worker with a thread of its own does for its one ring (a
+    /// busy guest then queues without a kick and without a wake-up here);
+    /// one ring alone would leave the others' kicks waiting while it spins.
+    /// `pending`: a queue whose last pass left requests that no kick will
+    /// announce. When the watch ends (no window, or the budget is spent),
+    /// each queue still in that state gets a kick from us.
+    fn poll_thread_rings(
+        &self,
+        thread_id: usize,
+        vrings: &[Vring],
+        event_idx: bool,
+        pending: Option<usize>,
+    ) {
+        let queues = || {
+            (0..vrings.len())
+                .map(|i| (i, thread_id + i * self.threads, &vrings[i]))
+                .filter(|&(_, q, _)| q < self.num_queues)
+        };
+        // Bit i: the thread's i-th queue has requests no kick will announce.
+        let mut waiting: u64 = pending.map_or(0, |q| 1 << (q / self.threads));
+        let kick_waiting = |waiting: u64| {
+            for (i, q, vring) in queues() {
+                if waiting & (1 << i) != 0 {
+                    self.worker(q).kick_self(vring);
+                }
+            }
+        };
         let window = queues()
-            .filter(|&(q, _)| q < self.num_queues)
-            .map(|(q, _)| self.worker(q).poll_window())
+            .map(|(_, q, _)| self.worker(q).poll_window())
             .min()
             .unwrap_or_default();
-        if window.is_zero() {
+        if window.is_zero() || !event_idx {
+            kick_waiting(waiting);
             return;
         }
         let started = Instant::now();
         let mut until = started + window;
         loop {
             let mut served = false;
-            for (q, vring) in queues() {
-                if q >= self.num_queues {
-                    continue;
-                }
+            for (i, q, vring) in queues() {
                 let mut worker = self.worker(q);
-                if worker.has_available(vring) {
-                    worker.process_queue(vring, event_idx);
+                if waiting & (1 << i) != 0 || worker.has_available(vring) {
+                    if worker.process_queue(vring, event_idx) {
+                        waiting |= 1 << i;
+                    } else {
+                        waiting &= !(1 << i);
+                    }
                     served = true;
                 }
             }
             let now = Instant::now();
-            // Every queue is left either waiting for a kick or kicked by
-            // itself (process_queue's budget), so stopping here loses nothing.
             if now.duration_since(started) >= PASS_BUDGET {
+                kick_waiting(waiting);
                 return;
             }
             if served {
                 until = now + window;
             } else if now >= until {
+                // Nothing served in the last round: nothing is waiting.
                 return;
             }
             std::hint::spin_loop();
@@ -521,16 +544,17 @@ impl VhostUserBackend for BlkBackend {
             return Ok(());
         };
         let event_idx = self.event_idx.load(Ordering::Relaxed);
-        {
+        let pending = {
             let mut worker = self.worker(queue);
             if kick {
-                worker.process_queue(vring, event_idx);
+                worker.process_queue(vring, event_idx)
             } else {
                 worker.process_target(vring);
+                false
             }
-        }
-        if kick && event_idx && self.threads < self.num_queues {
-            self.poll_thread_rings(thread_id, vrings, event_idx);
+        };
+        if kick && self.threads < self.num_queues {
+            self.poll_thread_rings(thread_id, vrings, event_idx, pending.then_some(queue));
         }
         Ok(())
     }

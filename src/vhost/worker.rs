@@ -266,16 +266,21 @@ impl QueueWorker {
     /// host pointers resolved once ([`SplitRing`]), and the front-end's
     /// GET_VRING_BASE (which takes the lock) sees the indexes of a finished
     /// batch, never those of a half-popped one.
-    pub fn process_queue(&mut self, vring: &Vring, event_idx: bool) {
+    ///
+    /// Returns true when it stopped with requests waiting that no kick will
+    /// announce: a worker that shares its thread does one pass per call, so
+    /// that the thread's queues take turns, and its caller serves it again
+    /// or calls [`QueueWorker::kick_self`].
+    pub fn process_queue(&mut self, vring: &Vring, event_idx: bool) -> bool {
         if self.draining {
-            return;
+            return false;
         }
         let Some(mem) = self.mem.clone() else {
             warn!(
                 "queue {}: kicked before the frontend sent its memory table",
                 self.index
             );
-            return;
+            return false;
         };
         // One batch per pass, each with the current memory table and the
         // vring lock held for the pass only: a busy guest can keep this loop
@@ -287,16 +292,20 @@ impl QueueWorker {
         // event loop comes back here, and the main thread gets in between.
         let started = Instant::now();
         while self.process_batch(vring, &mem, event_idx) {
+            if self.shares_thread {
+                return true;
+            }
             if started.elapsed() >= PASS_BUDGET {
                 self.kick_self(vring);
-                return;
+                return false;
             }
         }
+        false
     }
 
     /// Makes the queue's kick eventfd readable, as a guest kick does, so the
     /// event loop calls [`QueueWorker::process_queue`] again.
-    fn kick_self(&self, vring: &Vring) {
+    pub fn kick_self(&self, vring: &Vring) {
         let state = vring.get_ref();
         let Some(kick) = state.get_kick() else {
             return;
@@ -1035,6 +1044,34 @@ mod tests {
         assert!(passes >= 2, "{passes} passes in {calls} calls");
         let avail_event: u16 = gm.read_obj(used.unchecked_add(4 + 8 * 16)).unwrap();
         assert_eq!(avail_event, 9, "notifications re-armed at the end");
+    }
+
+    /// A worker that shares its thread takes one pass per call, so the
+    /// thread's queues take turns, and says when it left requests waiting.
+    #[test]
+    fn a_worker_sharing_its_thread_takes_turns() {
+        let gm = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap();
+        let (vring, avail, used, heads) = mixed_ring(&gm);
+        for k in 0..QSIZE {
+            gm.write_obj(
+                heads[usize::from(k) % heads.len()],
+                avail.unchecked_add(4 + 2 * u64::from(k)),
+            )
+            .unwrap();
+        }
+        gm.write_obj(QSIZE, avail.unchecked_add(2)).unwrap();
+        let mem = GuestMemoryAtomic::new(gm.clone());
+        let mut w = worker(&mem);
+        w.set_shares_thread(true);
+        // One ring's worth, then back to the caller with more possibly waiting.
+        assert!(w.process_queue(&vring, true));
+        assert_eq!(w.passes, 1);
+        assert_eq!(gm.read_obj::<u16>(used.unchecked_add(2)).unwrap(), QSIZE);
+        // The next turn finds the ring empty and re-arms notifications.
+        assert!(!w.process_queue(&vring, true));
+        assert_eq!(w.passes, 2);
+        let avail_event: u16 = gm.read_obj(used.unchecked_add(4 + 8 * 16)).unwrap();
+        assert_eq!(avail_event, QSIZE);
     }
 
     /// Runs `f` on a thread; false if it has not returned within 5 s.
