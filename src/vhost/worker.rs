@@ -178,7 +178,8 @@ pub struct QueueWorker {
     /// back-end left in flight before taking new ones.
     recover_pending: bool,
     /// The worker thread serves other queues too (`--threads` below
-    /// `--queues`): no ring polling.
+    /// `--queues`): one pass per call, and the thread, not this worker,
+    /// watches the rings (`BlkBackend::poll_thread_rings`).
     shares_thread: bool,
     /// How long the ring is watched after a batch ([`ring_poll`]).
     poll_window: Duration,
@@ -225,7 +226,8 @@ impl QueueWorker {
         }
     }
 
-    /// Tells the worker its thread serves other queues too (no ring polling).
+    /// Tells the worker its thread serves other queues too: it takes turns
+    /// of one pass and leaves the ring watch to the thread.
     pub fn set_shares_thread(&mut self, shares: bool) {
         self.shares_thread = shares;
     }
