@@ -264,10 +264,10 @@ impl QueueWorker {
     /// what is done. Event-idx: notifications stay off while we work, and we
     /// re-check the ring after turning them back on so no kick is lost.
     ///
-    /// The vring lock is held for the whole batch: the rings are read through
-    /// host pointers resolved once ([`SplitRing`]), and the front-end's
-    /// GET_VRING_BASE (which takes the lock) sees the indexes of a finished
-    /// batch, never those of a half-popped one.
+    /// The vring lock is held for one batch at a time: the rings are read
+    /// through host pointers resolved once per batch ([`SplitRing`]), and the
+    /// front-end's GET_VRING_BASE (which takes the lock) sees the indexes of
+    /// a finished batch, never those of a half-popped one.
     ///
     /// Returns true when it stopped with requests waiting that no kick will
     /// announce: a worker that shares its thread does one pass per call, so
