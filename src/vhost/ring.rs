@@ -217,6 +217,25 @@ impl<'m> Area<'m> {
     }
 }
 
+/// Whether a ring whose guest wrote available index `avail` has entries the
+/// device at `next_avail` takes: some, and no more than a ring's worth (a
+/// guest that ran further is broken and is not served).
+pub fn servable(avail: u16, next_avail: u16, size: u16) -> bool {
+    let ahead = avail.wrapping_sub(next_avail);
+    ahead != 0 && ahead <= size
+}
+
+/// A descriptor as the guest laid it out (virtio 1.2 2.7.5, little endian).
+fn decode_descriptor(raw: [u8; 16]) -> Descriptor {
+    let [a0, a1, a2, a3, a4, a5, a6, a7, l0, l1, l2, l3, f0, f1, n0, n1] = raw;
+    Descriptor::new(
+        u64::from_le_bytes([a0, a1, a2, a3, a4, a5, a6, a7]),
+        u32::from_le_bytes([l0, l1, l2, l3]),
+        u16::from_le_bytes([f0, f1]),
+        u16::from_le_bytes([n0, n1]),
+    )
+}
+
 /// `base + offset`, refused when it passes the end of the address space.
 fn guest_at(
     base: GuestAddress,
@@ -395,8 +414,7 @@ impl<'m> SplitRing<'m> {
         if !self.ready {
             return Ok(false);
         }
-        let ahead = (self.avail_idx()? - self.next_avail).0;
-        Ok(ahead != 0 && ahead <= self.size)
+        Ok(servable(self.avail_idx()?.0, self.next_avail.0, self.size))
     }
 
     /// Takes the next available chain: its head index and its descriptors.
@@ -484,9 +502,7 @@ impl<'m> SplitRing<'m> {
             else {
                 return;
             };
-            let addr = u64::from_le_bytes([
-                raw[0], raw[1], raw[2], raw[3], raw[4], raw[5], raw[6], raw[7],
-            ]);
+            let addr = decode_descriptor(raw).addr().0;
             if let Some(p) = self.buffer_hint.host(addr) {
                 prefetch(p);
             } else if let Some(Area::Host { ptr, region, start }) =
@@ -652,26 +668,22 @@ impl Iterator for Chain<'_, '_> {
                     "descriptor table",
                 )
                 .ok()?;
-            let addr = u64::from_le_bytes([
-                raw[0], raw[1], raw[2], raw[3], raw[4], raw[5], raw[6], raw[7],
-            ]);
-            let len = u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]);
-            let flags = u16::from_le_bytes([raw[12], raw[13]]);
-            let next = u16::from_le_bytes([raw[14], raw[15]]);
+            let desc = decode_descriptor(raw);
+            let (len, flags) = (desc.len(), desc.flags());
             if flags & VIRTQ_DESC_F_INDIRECT != 0 {
-                if !self.enter_indirect(addr, len) {
+                if !self.enter_indirect(desc.addr().0, len) {
                     return None;
                 }
                 continue;
             }
             self.yielded = self.yielded.checked_add(len)?;
             if flags & VIRTQ_DESC_F_NEXT != 0 {
-                self.next = next;
+                self.next = desc.next();
                 self.ttl -= 1;
             } else {
                 self.ttl = 0;
             }
-            return Some(Descriptor::new(addr, len, flags, next));
+            return Some(desc);
         }
     }
 }

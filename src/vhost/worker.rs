@@ -28,7 +28,7 @@ use crate::log_limit::{suppressed_note, LogLimiter};
 use crate::metrics::{self, LatencyHistogram, OwnedCounter, StatOp, StatStamp};
 
 use super::inflight::{QueueInflight, Recovery};
-use super::ring::{RingError, SplitRing};
+use super::ring::{servable, RingError, SplitRing};
 
 /// A virtqueue over the backend's guest memory (regions with dirty bitmaps).
 pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemoryMmap>>;
@@ -393,10 +393,8 @@ impl QueueWorker {
         let state = vring.get_ref();
         let q = state.get_queue();
         q.ready()
-            && q.avail_idx(&*snapshot, Ordering::Acquire).is_ok_and(|idx| {
-                let ahead = idx.0.wrapping_sub(q.next_avail());
-                ahead != 0 && ahead <= q.size()
-            })
+            && q.avail_idx(&*snapshot, Ordering::Acquire)
+                .is_ok_and(|idx| servable(idx.0, q.next_avail(), q.size()))
     }
 
     /// Spins up to [`ring_poll`]'s window for new available descriptors;
