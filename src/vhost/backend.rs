@@ -282,6 +282,9 @@ impl BlkBackend {
     /// is what a worker with a thread of its own does for its one ring (a
     /// busy guest then queues without a kick and without a wake-up here);
     /// one ring alone would leave the others' kicks waiting while it spins.
+    /// The passes leave the guest's kicks off while the thread watches
+    /// (the guest queues without kicking, as it does for a worker that
+    /// watches its own ring); every way out of the watch turns them back on.
     /// `pending`: a queue whose last pass left requests that no kick will
     /// announce. When the watch ends (no window, or the budget is spent),
     /// each queue still in that state gets a kick from us.
@@ -299,10 +302,17 @@ impl BlkBackend {
         };
         // Bit i: the thread's i-th queue has requests no kick will announce.
         let mut waiting: u64 = pending.map_or(0, |q| 1 << (q / self.threads));
-        let kick_waiting = |waiting: u64| {
+        // Every way out of the watch goes through here: the guest's kicks
+        // go back on for each ring the watch stood in for, and a queue with
+        // requests that no kick will announce gets a kick from us.
+        let end_watch = |mut waiting: u64| {
             for (i, q, vring) in queues() {
+                let mut worker = self.worker(q);
+                if worker.rearm(vring) {
+                    waiting |= 1 << i;
+                }
                 if waiting & (1 << i) != 0 {
-                    self.worker(q).kick_self(vring);
+                    worker.kick_self(vring);
                 }
             }
         };
@@ -311,7 +321,7 @@ impl BlkBackend {
             .min()
             .unwrap_or_default();
         if window.is_zero() || !event_idx {
-            kick_waiting(waiting);
+            end_watch(waiting);
             return;
         }
         let started = Instant::now();
@@ -331,13 +341,14 @@ impl BlkBackend {
             }
             let now = Instant::now();
             if now.duration_since(started) >= PASS_BUDGET {
-                kick_waiting(waiting);
+                end_watch(waiting);
                 return;
             }
             if served {
                 until = now + window;
             } else if now >= until {
                 // Nothing served in the last round: nothing is waiting.
+                end_watch(0);
                 return;
             }
             spin_pause();

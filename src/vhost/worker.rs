@@ -193,6 +193,9 @@ pub struct QueueWorker {
     shares_thread: bool,
     /// How long the ring is watched after a batch ([`ring_poll`]).
     poll_window: Duration,
+    /// A pass ended with the guest's kicks left off because the thread
+    /// watches this ring ([`QueueWorker::rearm`] turns them on again).
+    kicks_off: bool,
     /// Passes of `process_batch` so far (tests count them).
     #[cfg(test)]
     passes: usize,
@@ -231,6 +234,7 @@ impl QueueWorker {
             recover_pending: false,
             shares_thread: false,
             poll_window: ring_poll(inline_target),
+            kicks_off: false,
             #[cfg(test)]
             passes: 0,
         }
@@ -364,6 +368,14 @@ impl QueueWorker {
             // A stopped or broken ring: nothing to poll for; the next kick
             // (after the front-end restarts the queue) comes back here.
             false
+        } else if self.shares_thread && !self.poll_window.is_zero() {
+            // The thread watches this ring with its others and turns the
+            // guest's kicks back on when its watch ends (`rearm`, called by
+            // `BlkBackend::poll_thread_rings`): a guest that queues more
+            // meanwhile need not kick. Re-arming after every pass cost the
+            // client a kick for every other request (4 queues on 1 thread).
+            self.kicks_off = true;
+            false
         } else if self.ring_poll_window(&ring) {
             // Adaptive ring polling: a busy guest usually queues more within
             // a few microseconds; looking at the avail index for a short
@@ -426,6 +438,33 @@ impl QueueWorker {
                 return false;
             }
             spin_pause();
+        }
+    }
+
+    /// Turns the guest's kicks back on after the thread's watch of this
+    /// ring ended (see `kicks_off`); true if requests arrived meanwhile, which
+    /// no kick will announce. A stopped ring is left alone, as a pass leaves
+    /// it: the front-end restarts it with a kick.
+    pub fn rearm(&mut self, vring: &Vring) -> bool {
+        if !std::mem::take(&mut self.kicks_off) {
+            return false;
+        }
+        let Some(mem) = &self.mem else {
+            return false;
+        };
+        let snapshot = mem.memory();
+        // Exclusive, as for a pass: this writes the ring (avail_event).
+        let state = vring.get_mut();
+        if !state.get_queue().ready() {
+            return false;
+        }
+        let mut ring = SplitRing::new(state.get_queue(), &snapshot);
+        match ring.enable_notification() {
+            Ok(more) => more,
+            Err(e) => {
+                warn!("queue {}: cannot enable notifications: {e}", self.index);
+                false
+            }
         }
     }
 
@@ -1077,11 +1116,26 @@ mod tests {
         assert!(w.process_queue(&vring, true));
         assert_eq!(w.passes, 1);
         assert_eq!(gm.read_obj::<u16>(used.unchecked_add(2)).unwrap(), QSIZE);
-        // The next turn finds the ring empty and re-arms notifications.
+        // The next turn finds the ring empty and leaves the guest's kicks
+        // off: the thread watches the ring.
         assert!(!w.process_queue(&vring, true));
         assert_eq!(w.passes, 2);
-        let avail_event: u16 = gm.read_obj(used.unchecked_add(4 + 8 * 16)).unwrap();
-        assert_eq!(avail_event, QSIZE);
+        let avail_event = || gm.read_obj::<u16>(used.unchecked_add(4 + 8 * 16)).unwrap();
+        assert_eq!(avail_event(), 0, "kicks stay off during the thread's watch");
+        // The watch ends: kicks back on where the device stands, and a
+        // request queued meanwhile is reported (no kick will announce it).
+        gm.write_obj(heads[0], avail.unchecked_add(4)).unwrap();
+        gm.write_obj(QSIZE + 1, avail.unchecked_add(2)).unwrap();
+        assert!(w.rearm(&vring), "a request queued during the watch");
+        assert_eq!(avail_event(), QSIZE);
+        assert!(!w.rearm(&vring), "re-armed once per watch");
+        assert!(!w.process_queue(&vring, true));
+        assert_eq!(
+            gm.read_obj::<u16>(used.unchecked_add(2)).unwrap(),
+            QSIZE + 1
+        );
+        assert!(!w.rearm(&vring));
+        assert_eq!(avail_event(), QSIZE + 1);
     }
 
     /// Runs `f` on a thread; false if it has not returned within 5 s.
