@@ -308,7 +308,7 @@ impl BlkBackend {
         let end_watch = |mut waiting: u64| {
             for (i, q, vring) in queues() {
                 let mut worker = self.worker(q);
-                if worker.rearm(vring) {
+                if worker.rearm() {
                     waiting |= 1 << i;
                 }
                 if waiting & (1 << i) != 0 {
@@ -507,7 +507,12 @@ impl VhostUserBackend for BlkBackend {
         if q >= self.num_queues {
             return Ok(());
         }
-        let busy = self.worker(q).in_flight();
+        let busy = {
+            let mut worker = self.worker(q);
+            // A thread watching several rings may have this one's kicks off.
+            worker.rearm();
+            worker.in_flight()
+        };
         if busy == 0 {
             return Ok(());
         }

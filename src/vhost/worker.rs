@@ -194,8 +194,9 @@ pub struct QueueWorker {
     /// How long the ring is watched after a batch ([`ring_poll`]).
     poll_window: Duration,
     /// A pass ended with the guest's kicks left off because the thread
-    /// watches this ring ([`QueueWorker::rearm`] turns them on again).
-    kicks_off: bool,
+    /// watches this ring: the ring, for [`QueueWorker::rearm`] to turn them
+    /// back on when the watch ends or the front-end stops the ring.
+    kicks_off: Option<Vring>,
     /// Passes of `process_batch` so far (tests count them).
     #[cfg(test)]
     passes: usize,
@@ -234,7 +235,7 @@ impl QueueWorker {
             recover_pending: false,
             shares_thread: false,
             poll_window: ring_poll(inline_target),
-            kicks_off: false,
+            kicks_off: None,
             #[cfg(test)]
             passes: 0,
         }
@@ -374,7 +375,9 @@ impl QueueWorker {
             // `BlkBackend::poll_thread_rings`): a guest that queues more
             // meanwhile need not kick. Re-arming after every pass cost the
             // client a kick for every other request (4 queues on 1 thread).
-            self.kicks_off = true;
+            if self.kicks_off.is_none() {
+                self.kicks_off = Some(vring.clone());
+            }
             false
         } else if self.ring_poll_window(&ring) {
             // Adaptive ring polling: a busy guest usually queues more within
@@ -441,23 +444,25 @@ impl QueueWorker {
         }
     }
 
-    /// Turns the guest's kicks back on after the thread's watch of this
-    /// ring ended (see `kicks_off`); true if requests arrived meanwhile, which
-    /// no kick will announce. A stopped ring is left alone, as a pass leaves
-    /// it: the front-end restarts it with a kick.
-    pub fn rearm(&mut self, vring: &Vring) -> bool {
-        if !std::mem::take(&mut self.kicks_off) {
+    /// Turns the guest's kicks back on if a pass left them off for the
+    /// thread's watch (see `kicks_off`): when the watch ends, and when the
+    /// front-end stops the ring (GET_VRING_BASE), which may come in the
+    /// middle of a watch: a ring stopped with kicks off would, once started
+    /// again, wait for a kick the guest never sends. True if requests
+    /// arrived meanwhile, which no kick will announce (never on a stopped
+    /// ring). Called with the worker locked, as every pass is: after the
+    /// stop has re-armed, no pass can turn kicks off again, since a stopped
+    /// ring gives nothing to pop.
+    pub fn rearm(&mut self) -> bool {
+        let Some(vring) = self.kicks_off.take() else {
             return false;
-        }
+        };
         let Some(mem) = &self.mem else {
             return false;
         };
         let snapshot = mem.memory();
         // Exclusive, as for a pass: this writes the ring (avail_event).
         let state = vring.get_mut();
-        if !state.get_queue().ready() {
-            return false;
-        }
         let mut ring = SplitRing::new(state.get_queue(), &snapshot);
         match ring.enable_notification() {
             Ok(more) => more,
@@ -1126,16 +1131,26 @@ mod tests {
         // request queued meanwhile is reported (no kick will announce it).
         gm.write_obj(heads[0], avail.unchecked_add(4)).unwrap();
         gm.write_obj(QSIZE + 1, avail.unchecked_add(2)).unwrap();
-        assert!(w.rearm(&vring), "a request queued during the watch");
+        assert!(w.rearm(), "a request queued during the watch");
         assert_eq!(avail_event(), QSIZE);
-        assert!(!w.rearm(&vring), "re-armed once per watch");
+        assert!(!w.rearm(), "re-armed once per watch");
         assert!(!w.process_queue(&vring, true));
         assert_eq!(
             gm.read_obj::<u16>(used.unchecked_add(2)).unwrap(),
             QSIZE + 1
         );
-        assert!(!w.rearm(&vring));
+        assert!(!w.rearm());
         assert_eq!(avail_event(), QSIZE + 1);
+        // The front-end stops the ring in the middle of a watch: the stop
+        // re-arms (a restarted ring must not wait for a kick that never
+        // comes), and a stopped ring reports nothing to serve.
+        gm.write_obj(heads[1], avail.unchecked_add(4 + 2)).unwrap();
+        gm.write_obj(QSIZE + 2, avail.unchecked_add(2)).unwrap();
+        assert!(!w.process_queue(&vring, true));
+        assert_eq!(avail_event(), QSIZE + 1, "kicks off during the watch");
+        vring.set_queue_ready(false);
+        assert!(!w.rearm(), "nothing to serve on a stopped ring");
+        assert_eq!(avail_event(), QSIZE + 2);
     }
 
     /// Runs `f` on a thread; false if it has not returned within 5 s.
