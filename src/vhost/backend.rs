@@ -23,7 +23,9 @@ use vmm_sys_util::event::{
 };
 
 use super::inflight::InflightRegion;
-use super::worker::{spin_pause, QueueStats, QueueWorker, Vring, PASS_BUDGET};
+use super::worker::{
+    mid_batch_completion, spin_pause, QueueStats, QueueWorker, Vring, PASS_BUDGET,
+};
 use crate::blk::buffer::GuestMemoryMmap;
 use crate::blk::config::{
     config_space, device_features, read_window, set_capacity, WRITEBACK_OFFSET,
@@ -200,6 +202,10 @@ impl BlkBackend {
         let dirty_log = Arc::new(AtomicBool::new(false));
         let mut workers = Vec::with_capacity(opts.num_queues);
         let mut stats = Vec::with_capacity(opts.num_queues);
+        // Sched affinity and cgroup CPU limits count here: the CPUs this
+        // process may actually run on.
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mid_batch = mid_batch_completion(opts.threads, cpus);
         for index in 0..opts.num_queues {
             let q = target
                 .open_queue(index)
@@ -213,6 +219,15 @@ impl BlkBackend {
                 dirty_log.clone(),
             );
             w.set_shares_thread(opts.threads < opts.num_queues);
+            w.set_mid_batch(mid_batch);
+            if index == 0 && mid_batch == 0 && w.target_fd().is_none() {
+                info!(
+                    "{} worker thread(s) on {cpus} CPU(s): completions go back to the guest \
+                     at the end of each batch (a signal mid-batch would wake a guest thread \
+                     onto a worker's CPU)",
+                    opts.threads
+                );
+            }
             stats.push(w.stats());
             workers.push(Mutex::new(w));
         }
