@@ -24,7 +24,7 @@ use vmm_sys_util::event::{
 
 use super::inflight::InflightRegion;
 use super::worker::{
-    mid_batch_completion, spin_pause, QueueStats, QueueWorker, Vring, PASS_BUDGET,
+    spin_pause, MidBatch, QueueStats, QueueWorker, RunningWorkers, Vring, PASS_BUDGET,
 };
 use crate::blk::buffer::GuestMemoryMmap;
 use crate::blk::config::{
@@ -137,6 +137,9 @@ pub struct BlkBackend {
     num_queues: usize,
     /// Worker threads; queue `q` is served by thread `q % threads`.
     threads: usize,
+    /// Worker threads inside an event now (workers read it to decide on
+    /// completions in the middle of a batch: [`MidBatch`]).
+    running: Arc<RunningWorkers>,
     queue_size: usize,
     seg_max: u32,
     features: u64,
@@ -205,7 +208,8 @@ impl BlkBackend {
         // Sched affinity and cgroup CPU limits count here: the CPUs this
         // process may actually run on.
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let mid_batch = mid_batch_completion(opts.threads, cpus);
+        let running = Arc::new(RunningWorkers::default());
+        let mid_batch = MidBatch::from_env_or_auto(running.clone(), cpus);
         for index in 0..opts.num_queues {
             let q = target
                 .open_queue(index)
@@ -219,15 +223,7 @@ impl BlkBackend {
                 dirty_log.clone(),
             );
             w.set_shares_thread(opts.threads < opts.num_queues);
-            w.set_mid_batch(mid_batch);
-            if index == 0 && mid_batch == 0 && w.target_fd().is_none() {
-                info!(
-                    "{} worker thread(s) on {cpus} CPU(s): completions go back to the guest \
-                     at the end of each batch (a signal mid-batch would wake a guest thread \
-                     onto a worker's CPU)",
-                    opts.threads
-                );
-            }
+            w.set_mid_batch(mid_batch.clone());
             stats.push(w.stats());
             workers.push(Mutex::new(w));
         }
@@ -240,6 +236,7 @@ impl BlkBackend {
             info,
             num_queues: opts.num_queues,
             threads: opts.threads,
+            running,
             queue_size: opts.queue_size,
             seg_max,
             features,
@@ -575,6 +572,7 @@ impl VhostUserBackend for BlkBackend {
             return Ok(());
         };
         let event_idx = self.event_idx.load(Ordering::Relaxed);
+        let _running = self.running.enter();
         let pending = {
             let mut worker = self.worker(queue);
             if kick {

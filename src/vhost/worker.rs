@@ -65,23 +65,83 @@ pub(crate) fn spin_pause() {
     std::thread::yield_now();
 }
 
-/// After how many requests of one batch a worker whose target completes
-/// inline (`mem:`, `null:`) returns them to the guest before going on with
-/// the batch (0: only at the end of the batch): `VHOST_ISER_MID_BATCH` if
-/// set, else [`mid_batch_policy`].
-pub fn mid_batch_completion(worker_threads: usize, cpus: usize) -> usize {
-    static FROM_ENV: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    FROM_ENV
-        .get_or_init(|| {
-            std::env::var("VHOST_ISER_MID_BATCH")
-                .ok()
-                .and_then(|v| v.parse::<usize>().ok())
-        })
-        .unwrap_or_else(|| mid_batch_policy(worker_threads, cpus))
+/// When a worker whose target completes inline (`mem:`, `null:`) hands the
+/// completions of a deep batch back to the guest.
+#[derive(Clone, Debug)]
+pub enum MidBatch {
+    /// After every this many requests (0: at the end of the batch only).
+    Every(usize),
+    /// [`mid_batch_policy`] over the worker threads running at the start of
+    /// each batch.
+    WhileACpuIsFree {
+        /// The device's worker threads that are running (not asleep).
+        running: Arc<RunningWorkers>,
+        /// CPUs the process may run on.
+        cpus: usize,
+    },
 }
 
-/// Every 8 requests while the worker threads leave a CPU free, only at the
-/// end of a batch when there are at least as many worker threads as CPUs.
+impl MidBatch {
+    /// `VHOST_ISER_MID_BATCH` if set, else [`MidBatch::WhileACpuIsFree`].
+    pub fn from_env_or_auto(running: Arc<RunningWorkers>, cpus: usize) -> MidBatch {
+        match mid_batch_from_env() {
+            Some(n) => MidBatch::Every(n),
+            None => MidBatch::WhileACpuIsFree { running, cpus },
+        }
+    }
+
+    /// After how many requests this batch's completions go back (0: at
+    /// its end only).
+    pub fn now(&self) -> usize {
+        match self {
+            MidBatch::Every(n) => *n,
+            MidBatch::WhileACpuIsFree { running, cpus } => mid_batch_policy(running.count(), *cpus),
+        }
+    }
+}
+
+fn mid_batch_from_env() -> Option<usize> {
+    static FROM_ENV: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *FROM_ENV.get_or_init(|| {
+        std::env::var("VHOST_ISER_MID_BATCH")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+    })
+}
+
+/// How many of a device's worker threads are running: inside an event
+/// (a pass, a ring watch), not asleep in their epoll. Alone on its cache
+/// line: it changes when a thread wakes or sleeps, and is read once per
+/// batch by every worker.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub struct RunningWorkers(std::sync::atomic::AtomicUsize);
+
+impl RunningWorkers {
+    /// Counts the calling thread as running until the guard is dropped.
+    pub fn enter(&self) -> RunningGuard<'_> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        RunningGuard(self)
+    }
+
+    /// Threads running now.
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A running worker thread ([`RunningWorkers::enter`]).
+#[derive(Debug)]
+pub struct RunningGuard<'a>(&'a RunningWorkers);
+
+impl Drop for RunningGuard<'_> {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Every 8 requests while the running worker threads leave a CPU free, only
+/// at the end of a batch when there are at least as many running as CPUs.
 ///
 /// A completion handed back in the middle of a batch lets the guest reap
 /// and refill while the worker goes on, which pays when the guest's thread
@@ -91,7 +151,9 @@ pub fn mid_batch_completion(worker_threads: usize, cpus: usize) -> usize {
 /// wakes preempts a worker instead, and each signal in the middle of a
 /// batch costs two context switches: 4 queues on 4 threads on 2 CPUs, depth
 /// 128, 3.2M IOPS at 0.39 us of backend CPU per I/O with 8, 5.0M at 0.30 us
-/// with completions at the end of the batch.
+/// with completions at the end of the batch. Counted among the running, not
+/// the configured, threads: a device with four queues whose guest keeps one
+/// busy has one worker running, and keeps the mid-batch completions.
 pub fn mid_batch_policy(worker_threads: usize, cpus: usize) -> usize {
     if worker_threads >= cpus {
         0
@@ -224,9 +286,8 @@ pub struct QueueWorker {
     shares_thread: bool,
     /// How long the ring is watched after a batch ([`ring_poll`]).
     poll_window: Duration,
-    /// Hand inline completions back after this many requests of a batch
-    /// (0: at its end only; [`mid_batch_completion`]).
-    mid_batch: usize,
+    /// When inline completions go back to the guest during a deep batch.
+    mid_batch: MidBatch,
     /// A pass ended with the guest's kicks left off because the thread
     /// watches this ring: the ring, for [`QueueWorker::rearm`] to turn them
     /// back on when the watch ends or the front-end stops the ring.
@@ -270,7 +331,7 @@ impl QueueWorker {
             recover_pending: false,
             shares_thread: false,
             poll_window: ring_poll(inline_target),
-            mid_batch: mid_batch_completion(1, usize::MAX),
+            mid_batch: MidBatch::Every(mid_batch_from_env().unwrap_or(8)),
             kicks_off: None,
             #[cfg(test)]
             passes: 0,
@@ -283,10 +344,9 @@ impl QueueWorker {
         self.shares_thread = shares;
     }
 
-    /// Sets after how many requests of a batch inline completions go back
-    /// to the guest (0: at the end of the batch only).
-    pub fn set_mid_batch(&mut self, requests: usize) {
-        self.mid_batch = requests;
+    /// Sets when inline completions go back to the guest during a batch.
+    pub fn set_mid_batch(&mut self, mid_batch: MidBatch) {
+        self.mid_batch = mid_batch;
     }
 
     /// The queue's counters.
@@ -579,6 +639,7 @@ impl QueueWorker {
         // One clock read per batch: latency is measured from the batch start.
         let batch_start = Instant::now();
         let inline_target = self.target.event_fd().is_none();
+        let mid_batch = self.mid_batch.now();
         let mut since_complete = 0usize;
         for _ in 0..ring.size() {
             let parsed = match ring.pop() {
@@ -604,7 +665,7 @@ impl QueueWorker {
             // the whole batch (the signal is still suppressed while the guest
             // is busy, by event-idx).
             since_complete += 1;
-            if inline_target && since_complete == self.mid_batch {
+            if inline_target && since_complete == mid_batch {
                 since_complete = 0;
                 self.complete(ring, state, snapshot, false);
             }
@@ -1070,6 +1131,25 @@ mod tests {
         assert_eq!(mid_batch_policy(1, 1), 0);
         assert_eq!(mid_batch_policy(2, 2), 0);
         assert_eq!(mid_batch_policy(4, 2), 0);
+
+        // Counted among the running threads, at the start of each batch.
+        let running = Arc::new(RunningWorkers::default());
+        let auto = MidBatch::WhileACpuIsFree {
+            running: running.clone(),
+            cpus: 2,
+        };
+        assert_eq!(auto.now(), 8);
+        let first = running.enter();
+        assert_eq!(auto.now(), 8);
+        {
+            let _second = running.enter();
+            assert_eq!(running.count(), 2);
+            assert_eq!(auto.now(), 0);
+        }
+        assert_eq!(auto.now(), 8);
+        drop(first);
+        assert_eq!(running.count(), 0);
+        assert_eq!(MidBatch::Every(3).now(), 3);
     }
 
     #[test]
