@@ -138,8 +138,9 @@ pub struct BlkBackend {
     /// Worker threads; queue `q` is served by thread `q % threads`.
     threads: usize,
     /// Worker threads inside an event now (workers read it to decide on
-    /// completions in the middle of a batch: [`MidBatch`]).
-    running: Arc<RunningWorkers>,
+    /// completions in the middle of a batch: [`MidBatch`]); None where no
+    /// worker reads it (a network target, or `VHOST_ISER_MID_BATCH` set).
+    running: Option<Arc<RunningWorkers>>,
     queue_size: usize,
     seg_max: u32,
     features: u64,
@@ -210,6 +211,7 @@ impl BlkBackend {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let running = Arc::new(RunningWorkers::default());
         let mid_batch = MidBatch::from_env_or_auto(running.clone(), cpus);
+        let mut inline_target = false;
         for index in 0..opts.num_queues {
             let q = target
                 .open_queue(index)
@@ -224,6 +226,7 @@ impl BlkBackend {
             );
             w.set_shares_thread(opts.threads < opts.num_queues);
             w.set_mid_batch(mid_batch.clone());
+            inline_target |= w.target_fd().is_none();
             stats.push(w.stats());
             workers.push(Mutex::new(w));
         }
@@ -236,7 +239,10 @@ impl BlkBackend {
             info,
             num_queues: opts.num_queues,
             threads: opts.threads,
-            running,
+            // Only inline targets complete mid-batch, and only the automatic
+            // choice reads the count: others skip its two atomics per event.
+            running: (inline_target && matches!(mid_batch, MidBatch::WhileACpuIsFree { .. }))
+                .then_some(running),
             queue_size: opts.queue_size,
             seg_max,
             features,
@@ -572,7 +578,7 @@ impl VhostUserBackend for BlkBackend {
             return Ok(());
         };
         let event_idx = self.event_idx.load(Ordering::Relaxed);
-        let _running = self.running.enter();
+        let _running = self.running.as_ref().map(|r| r.enter());
         let pending = {
             let mut worker = self.worker(queue);
             if kick {
