@@ -1124,10 +1124,8 @@ mod tests {
         (vring, avail, used, [0, 3, 6, 9, 10, 11, 12, 13, 14, 15])
     }
 
-    /// Full rings (16 entries at once, twice, the second round wrapping the
-    /// ring) are served completely, each entry once, in passes of at most one
-    /// ring's worth: two passes per round (the full ring, then the empty
-    /// one that re-arms notifications).
+    /// Completions go back mid-batch while the running worker threads leave
+    /// a CPU free, and the running threads are counted by their guards.
     #[test]
     fn completions_go_back_mid_batch_only_with_a_cpu_to_spare() {
         assert_eq!(mid_batch_policy(1, 2), 8);
@@ -1156,6 +1154,8 @@ mod tests {
         assert_eq!(MidBatch::Every(3).now(), 3);
     }
 
+    /// A worker copies the shared memory table once per table, takes a new
+    /// copy when the table changes, and lets go of it on set_memory.
     #[test]
     fn the_worker_copies_the_memory_table_once_per_change() {
         let gm = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap();
@@ -1193,6 +1193,10 @@ mod tests {
         assert_eq!(d.num_regions(), 2);
     }
 
+    /// Full rings (16 entries at once, twice, the second round wrapping the
+    /// ring) are served completely, each entry once, in passes of at most one
+    /// ring's worth: two passes per round (the full ring, then the empty
+    /// one that re-arms notifications).
     #[test]
     fn full_rings_are_served_in_bounded_passes() {
         let gm = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap();
