@@ -23,9 +23,8 @@ use vmm_sys_util::event::{
 };
 
 use super::inflight::InflightRegion;
-use super::worker::{
-    spin_pause, MidBatch, QueueStats, QueueWorker, RunningWorkers, Vring, PASS_BUDGET,
-};
+use super::mid_batch::{MidBatch, RunningWorkers};
+use super::worker::{spin_pause, QueueStats, QueueWorker, Vring, PASS_BUDGET};
 use crate::blk::buffer::GuestMemoryMmap;
 use crate::blk::config::{
     config_space, device_features, read_window, set_capacity, WRITEBACK_OFFSET,
@@ -130,6 +129,12 @@ impl DeviceNotifier for ConfigChanges {
     }
 }
 
+/// One queue's worker behind its lock, on cache lines of its own: each is
+/// written by its own thread on every request, and neighbours in the
+/// `Vec` would otherwise share the lines at their ends.
+#[repr(align(128))]
+struct QueueSlot(Mutex<QueueWorker>);
+
 /// The vhost-user-blk backend: shared, read-mostly device state plus one
 /// worker per queue, each behind its own (uncontended) lock.
 pub struct BlkBackend {
@@ -148,7 +153,7 @@ pub struct BlkBackend {
     writeback: Arc<AtomicBool>,
     /// The frontend acked VHOST_F_LOG_ALL: log the pages data is written to.
     dirty_log: Arc<AtomicBool>,
-    workers: Vec<Mutex<QueueWorker>>,
+    workers: Vec<QueueSlot>,
     stats: Vec<Arc<QueueStats>>,
     target: Arc<dyn Target>,
     changes: Arc<ConfigChanges>,
@@ -228,7 +233,7 @@ impl BlkBackend {
             w.set_mid_batch(mid_batch.clone());
             inline_target |= w.target_fd().is_none();
             stats.push(w.stats());
-            workers.push(Mutex::new(w));
+            workers.push(QueueSlot(Mutex::new(w)));
         }
         // LOG_ALL (with LOG_SHMFD below): the frontend may migrate the VM;
         // every write into guest memory is then logged.
@@ -270,6 +275,7 @@ impl BlkBackend {
         // Only queue `index`'s thread and the drain path take this lock; a
         // poisoned lock means a worker panicked, and its state is still usable.
         self.workers[index]
+            .0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
     }

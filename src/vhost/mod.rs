@@ -3,5 +3,6 @@
 
 pub mod backend;
 pub mod inflight;
+pub mod mid_batch;
 pub mod ring;
 pub mod worker;

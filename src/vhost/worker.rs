@@ -28,6 +28,7 @@ use crate::log_limit::{suppressed_note, LogLimiter};
 use crate::metrics::{self, LatencyHistogram, OwnedCounter, StatOp, StatStamp};
 
 use super::inflight::{QueueInflight, Recovery};
+use super::mid_batch::{mid_batch_from_env, MidBatch, MidBatchChoice};
 use super::ring::{servable, RingError, SplitRing};
 
 /// A virtqueue over the backend's guest memory (regions with dirty bitmaps).
@@ -63,103 +64,6 @@ fn ring_poll(inline_target: bool) -> Duration {
 /// 272k -> 464k IOPS, backend CPU per I/O 5.0 -> 2.1 us; one queue: no change.
 pub(crate) fn spin_pause() {
     std::thread::yield_now();
-}
-
-/// When a worker whose target completes inline (`mem:`, `null:`) hands the
-/// completions of a deep batch back to the guest.
-#[derive(Clone, Debug)]
-pub enum MidBatch {
-    /// After every this many requests (0: at the end of the batch only).
-    Every(usize),
-    /// [`mid_batch_policy`] over the worker threads running at the start of
-    /// each batch.
-    WhileACpuIsFree {
-        /// The device's worker threads that are running (not asleep).
-        running: Arc<RunningWorkers>,
-        /// CPUs the process may run on.
-        cpus: usize,
-    },
-}
-
-impl MidBatch {
-    /// `VHOST_ISER_MID_BATCH` if set, else [`MidBatch::WhileACpuIsFree`].
-    pub fn from_env_or_auto(running: Arc<RunningWorkers>, cpus: usize) -> MidBatch {
-        match mid_batch_from_env() {
-            Some(n) => MidBatch::Every(n),
-            None => MidBatch::WhileACpuIsFree { running, cpus },
-        }
-    }
-
-    /// After how many requests this batch's completions go back (0: at
-    /// its end only).
-    pub fn now(&self) -> usize {
-        match self {
-            MidBatch::Every(n) => *n,
-            MidBatch::WhileACpuIsFree { running, cpus } => mid_batch_policy(running.count(), *cpus),
-        }
-    }
-}
-
-fn mid_batch_from_env() -> Option<usize> {
-    static FROM_ENV: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    *FROM_ENV.get_or_init(|| {
-        std::env::var("VHOST_ISER_MID_BATCH")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-    })
-}
-
-/// How many of a device's worker threads are running: inside an event
-/// (a pass, a ring watch), not asleep in their epoll. Alone on its cache
-/// line: it changes when a thread wakes or sleeps, and is read once per
-/// batch by every worker.
-#[derive(Debug, Default)]
-#[repr(align(64))]
-pub struct RunningWorkers(std::sync::atomic::AtomicUsize);
-
-impl RunningWorkers {
-    /// Counts the calling thread as running until the guard is dropped.
-    pub fn enter(&self) -> RunningGuard<'_> {
-        self.0.fetch_add(1, Ordering::Relaxed);
-        RunningGuard(self)
-    }
-
-    /// Threads running now.
-    pub fn count(&self) -> usize {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-/// A running worker thread ([`RunningWorkers::enter`]).
-#[derive(Debug)]
-pub struct RunningGuard<'a>(&'a RunningWorkers);
-
-impl Drop for RunningGuard<'_> {
-    fn drop(&mut self) {
-        self.0 .0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Every 8 requests while the running worker threads leave a CPU free, only
-/// at the end of a batch when there are at least as many running as CPUs.
-///
-/// A completion handed back in the middle of a batch lets the guest reap
-/// and refill while the worker goes on, which pays when the guest's thread
-/// runs on another CPU (one queue, depth 32: 1.57M IOPS against 1.0M with
-/// completions at the end of the batch only; 8 gave a fifth more than 16).
-/// When every CPU has a worker on it, the guest thread that the signal
-/// wakes preempts a worker instead, and each signal in the middle of a
-/// batch costs two context switches: 4 queues on 4 threads on 2 CPUs, depth
-/// 128, 3.2M IOPS at 0.39 us of backend CPU per I/O with 8, 5.0M at 0.30 us
-/// with completions at the end of the batch. Counted among the running, not
-/// the configured, threads: a device with four queues whose guest keeps one
-/// busy has one worker running, and keeps the mid-batch completions.
-pub fn mid_batch_policy(worker_threads: usize, cpus: usize) -> usize {
-    if worker_threads >= cpus {
-        0
-    } else {
-        8
-    }
 }
 
 /// Counters of one queue, written by its worker only and readable from
@@ -287,7 +191,7 @@ pub struct QueueWorker {
     /// How long the ring is watched after a batch ([`ring_poll`]).
     poll_window: Duration,
     /// When inline completions go back to the guest during a deep batch.
-    mid_batch: MidBatch,
+    mid_batch: MidBatchChoice,
     /// How long one `process_queue` call may go on ([`PASS_BUDGET`]; tests
     /// that count passes lift it, as a loaded machine may stretch a pass).
     pass_budget: Duration,
@@ -334,7 +238,7 @@ impl QueueWorker {
             recover_pending: false,
             shares_thread: false,
             poll_window: ring_poll(inline_target),
-            mid_batch: MidBatch::Every(mid_batch_from_env().unwrap_or(8)),
+            mid_batch: MidBatchChoice::new(MidBatch::Every(mid_batch_from_env().unwrap_or(8))),
             pass_budget: PASS_BUDGET,
             kicks_off: None,
             #[cfg(test)]
@@ -346,11 +250,13 @@ impl QueueWorker {
     /// of one pass and leaves the ring watch to the thread.
     pub fn set_shares_thread(&mut self, shares: bool) {
         self.shares_thread = shares;
+        self.mid_batch.set_shares_thread(shares);
     }
 
     /// Sets when inline completions go back to the guest during a batch.
     pub fn set_mid_batch(&mut self, mid_batch: MidBatch) {
-        self.mid_batch = mid_batch;
+        self.mid_batch = MidBatchChoice::new(mid_batch);
+        self.mid_batch.set_shares_thread(self.shares_thread);
     }
 
     /// The queue's counters.
@@ -463,7 +369,10 @@ impl QueueWorker {
         }
         // With event-idx, notifications need no disabling: the guest kicks
         // once per avail_event value, which only enable_notification moves.
+        let first = ring.next_avail();
         let end = self.pop_and_submit(&mut ring, &state, &snapshot);
+        self.mid_batch
+            .took(ring.next_avail().wrapping_sub(first).into());
         self.complete(&mut ring, &state, &snapshot, false);
         #[cfg(test)]
         {
@@ -643,7 +552,7 @@ impl QueueWorker {
         // One clock read per batch: latency is measured from the batch start.
         let batch_start = Instant::now();
         let inline_target = self.target.event_fd().is_none();
-        let mid_batch = self.mid_batch.now();
+        let mid_batch = self.mid_batch.for_batch(batch_start);
         let mut since_complete = 0usize;
         for _ in 0..ring.size() {
             let parsed = match ring.pop() {
@@ -1122,36 +1031,6 @@ mod tests {
         vring.set_queue_event_idx(true);
         vring.set_queue_ready(true);
         (vring, avail, used, [0, 3, 6, 9, 10, 11, 12, 13, 14, 15])
-    }
-
-    /// Completions go back mid-batch while the running worker threads leave
-    /// a CPU free, and the running threads are counted by their guards.
-    #[test]
-    fn completions_go_back_mid_batch_only_with_a_cpu_to_spare() {
-        assert_eq!(mid_batch_policy(1, 2), 8);
-        assert_eq!(mid_batch_policy(3, 8), 8);
-        assert_eq!(mid_batch_policy(1, 1), 0);
-        assert_eq!(mid_batch_policy(2, 2), 0);
-        assert_eq!(mid_batch_policy(4, 2), 0);
-
-        // Counted among the running threads, at the start of each batch.
-        let running = Arc::new(RunningWorkers::default());
-        let auto = MidBatch::WhileACpuIsFree {
-            running: running.clone(),
-            cpus: 2,
-        };
-        assert_eq!(auto.now(), 8);
-        let first = running.enter();
-        assert_eq!(auto.now(), 8);
-        {
-            let _second = running.enter();
-            assert_eq!(running.count(), 2);
-            assert_eq!(auto.now(), 0);
-        }
-        assert_eq!(auto.now(), 8);
-        drop(first);
-        assert_eq!(running.count(), 0);
-        assert_eq!(MidBatch::Every(3).now(), 3);
     }
 
     /// A worker copies the shared memory table once per table, takes a new
