@@ -190,9 +190,9 @@ VHOST_ISER_RING_POLL_US          microseconds a worker watches its avail ring af
 VHOST_ISER_MID_BATCH             mem: and null: targets: hand completions back to the
                                  guest every N requests of a deep batch (0: only at
                                  the end of the batch). Default: 0 while at least as
-                                 many worker threads run as there are CPUs, else 8,
-                                 or 1 where a trial of both finds that 1 takes more
-                                 requests per second (a worker with its own thread)
+                                 many worker threads run as there are CPUs, else 8;
+                                 a worker with its own thread tries 1, 8 and 32 and
+                                 keeps the one that takes the most requests/s
 VHOST_ISER_RECEIVE_BATCH         iSCSI/TCP: most read responses a queue waits for
                                  before it wakes, at depth (default 16; 1: wake on
                                  every response); see DATA PATH

@@ -1,8 +1,7 @@
 //! When a worker whose target completes inline (`mem:`, `null:`) hands
 //! completions back to the guest in the middle of a batch: the rule
 //! ([`MidBatch`], [`mid_batch_policy`]) and, on a worker with a thread of
-//! its own, the trials that pick between per-request completions and the
-//! rule's ([`CadenceTrial`]).
+//! its own, the trials that pick the cadence ([`CadenceTrial`]).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -101,18 +100,30 @@ pub fn mid_batch_policy(worker_threads: usize, cpus: usize) -> usize {
     if worker_threads >= cpus {
         0
     } else {
-        8
+        EVERY
     }
 }
 
-/// How long each of the two cadences runs in a trial.
+/// The cadences a trial runs, in this order: completions handed back after
+/// every request, after every [`EVERY`], after every 32.
+pub const CADENCES: [usize; 3] = [1, EVERY, 32];
+
+/// The cadence kept before any trial has judged, and the one
+/// [`mid_batch_policy`] gives while a CPU is free.
+pub const EVERY: usize = 8;
+
+/// How long each cadence runs in a trial.
 const TRIAL_WINDOW: Duration = Duration::from_millis(10);
+
+/// When the first trial starts, after the first batch: a guest's first
+/// milliseconds of I/O (the driver starting, a benchmark ramping up) are
+/// not what it does next.
+const FIRST_TRIAL: Duration = Duration::from_millis(100);
 
 /// How long the winner of a trial is kept before the next trial, when it
 /// differs from the previous winner. Each trial that confirms the winner
-/// doubles this, up to [`MAX_SETTLE`]: a trial runs the losing cadence for
-/// one window, and a steady guest should not pay for it often (10 ms in
-/// 270 cost one queue at depth 128 some 4 % of its IOPS).
+/// doubles this, up to [`MAX_SETTLE`]: a trial runs the losing cadences
+/// for a window each, and a steady guest should not pay for that often.
 const SETTLE: Duration = Duration::from_millis(250);
 
 /// The longest a winner is kept without a trial: how long a guest whose
@@ -127,65 +138,68 @@ const STALE_WINDOW: Duration = Duration::from_millis(40);
 /// A window with fewer requests than this measured too little to judge.
 const MIN_TRIAL_REQUESTS: u64 = 256;
 
-/// Per-request completions must take this many times the requests per
-/// second of the rule's cadence to be kept: they cost a used-index store
-/// and an event-idx check per request, and the guest more wake-ups.
-const PER_REQUEST_MARGIN: f64 = 1.1;
+/// Another cadence must take this many times the requests per second of
+/// the kept one to replace it. Windows of 10 ms vary by some 5-10 % at one
+/// queue, depth 128; the differences worth a switch are 7 % (8 against 32
+/// at depth 128) to 4x (1 against 8 at depth 8), and a switch between
+/// cadences within noise of each other costs nothing.
+const SWITCH_MARGIN: f64 = 1.05;
 
 /// Where a [`CadenceTrial`] stands.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum TrialPhase {
-    /// No batch yet: the first one starts a trial.
-    Unstarted,
-    /// The last trial's winner is kept until [`SETTLE`] has passed.
+    /// The last trial's winner is kept until `settle_for` has passed.
     Settled,
-    /// The first window: per-request completions.
-    PerRequest,
-    /// The second window: the rule's cadence, after per-request completions
-    /// took this many requests per second.
-    Rule { per_request_rate: f64 },
+    /// Measuring `CADENCES[i]`.
+    Window(usize),
 }
 
-/// Picks, by measuring both, between completions handed back after every
-/// request and the rule's cadence (every 8), for one worker with a thread
-/// of its own and an inline target.
+/// Picks, by measuring each, among the [`CADENCES`] at which completions
+/// go back during a batch, for one worker with a thread of its own and an
+/// inline target.
 ///
 /// Why: with one queue, which cadence wins depends on the guest's depth,
 /// which the ring does not show. A guest that keeps 8 to 32 requests in
 /// flight finds a completion each time it looks when they go back one by
 /// one, and keeps submitting instead of sleeping until the next signal:
-/// one queue, depth 32, 2.1M IOPS against 1.55M (depth 8: 1.97M against
-/// 0.43M). At depth 64 and 128 the every-8 cadence wins (2.5M against
-/// 2.0M, 3.0M against 2.1M). Rules that guessed the depth from a batch's
-/// size or from how long the ring watch waited were wrong often enough to
-/// lose a fifth at depth 64 or 128 (bench/RESULTS.md); a trial measures
-/// what each cadence does with this guest, now.
+/// one queue, depth 32, 1.97M IOPS against 1.52M every 8 (depth 8: 1.78M
+/// against 0.44M). At depth 64 every 8 wins (2.5M against 2.0M with 1 and
+/// 2.1M with 32), at depth 128 every 32 (3.0M against 2.8M with 8 and
+/// 2.1M with 1). Rules that guessed the depth from a batch's size or from
+/// how long the ring watch waited were wrong often enough to lose a fifth
+/// at depth 64 or 128 (bench/RESULTS.md); a trial measures what each
+/// cadence does with this guest, now.
 ///
 /// A trial runs each cadence for [`TRIAL_WINDOW`] and compares the
-/// requests taken per second of wall time; the winner is kept for
-/// [`SETTLE`] (longer while trials keep confirming it), then the next
-/// trial starts. Ties go to the rule's cadence.
+/// requests taken per second of wall time; the fastest replaces the kept
+/// one if it beats it by [`SWITCH_MARGIN`]. The winner is kept for
+/// [`SETTLE`] (longer while trials keep confirming it), then the next trial
+/// starts.
 #[derive(Clone, Debug)]
 pub struct CadenceTrial {
     phase: TrialPhase,
-    /// The cadence kept while settled: true for per-request completions.
-    per_request: bool,
+    /// Index in [`CADENCES`] of the cadence kept while settled.
+    kept: usize,
+    /// Requests per second of each cadence in the current trial.
+    rates: [f64; CADENCES.len()],
     /// When the phase began (its first batch).
     since: Option<Instant>,
     /// Requests taken since the phase began.
     requests: u64,
-    /// How long the current winner is kept ([`SETTLE`] up to [`MAX_SETTLE`]).
+    /// How long the current winner is kept ([`SETTLE`] up to [`MAX_SETTLE`];
+    /// [`FIRST_TRIAL`] before the first trial).
     settle_for: Duration,
 }
 
 impl Default for CadenceTrial {
     fn default() -> Self {
         CadenceTrial {
-            phase: TrialPhase::Unstarted,
-            per_request: false,
+            phase: TrialPhase::Settled,
+            kept: 1,
+            rates: [0.0; CADENCES.len()],
             since: None,
             requests: 0,
-            settle_for: SETTLE,
+            settle_for: FIRST_TRIAL,
         }
     }
 }
@@ -197,49 +211,55 @@ impl CadenceTrial {
         self.requests += requests;
     }
 
-    /// Whether the batch starting at `now` hands completions back after
-    /// every request (true) or at the rule's cadence (false).
-    pub fn per_request(&mut self, now: Instant) -> bool {
-        let since = match self.since {
-            Some(since) if self.phase != TrialPhase::Unstarted => since,
-            _ => {
-                self.begin(TrialPhase::PerRequest, now);
-                return true;
-            }
+    /// After how many requests the completions of the batch starting at
+    /// `now` go back.
+    pub fn cadence(&mut self, now: Instant) -> usize {
+        let Some(since) = self.since else {
+            // The first batch: the first trial comes FIRST_TRIAL later.
+            return self.settle(self.kept, now);
         };
         let elapsed = now.saturating_duration_since(since);
         match self.phase {
-            TrialPhase::Settled if elapsed >= self.settle_for => {
-                self.begin(TrialPhase::PerRequest, now);
-                true
+            TrialPhase::Settled if elapsed >= self.settle_for => self.window(0, now),
+            TrialPhase::Settled => CADENCES[self.kept],
+            TrialPhase::Window(i) if elapsed < TRIAL_WINDOW => CADENCES[i],
+            TrialPhase::Window(i) => {
+                let Some(rate) = self.rate(elapsed) else {
+                    // Dropped: the guest paused, or did too little to judge.
+                    return self.settle(self.kept, now);
+                };
+                self.rates[i] = rate;
+                if i + 1 < CADENCES.len() {
+                    return self.window(i + 1, now);
+                }
+                self.judge(now)
             }
-            TrialPhase::Settled | TrialPhase::Unstarted => self.per_request,
-            TrialPhase::PerRequest if elapsed < TRIAL_WINDOW => true,
-            TrialPhase::PerRequest => match self.rate(elapsed) {
-                Some(per_request_rate) => {
-                    self.begin(TrialPhase::Rule { per_request_rate }, now);
-                    false
-                }
-                None => self.settle(self.per_request, now),
-            },
-            TrialPhase::Rule { .. } if elapsed < TRIAL_WINDOW => false,
-            TrialPhase::Rule { per_request_rate } => match self.rate(elapsed) {
-                Some(rule_rate) => {
-                    let per_request = per_request_rate > rule_rate * PER_REQUEST_MARGIN;
-                    self.settle_for = if per_request == self.per_request {
-                        (self.settle_for * 2).min(MAX_SETTLE)
-                    } else {
-                        SETTLE
-                    };
-                    log::debug!(
-                        "mid-batch trial: per-request {per_request_rate:.0}/s, every-n {rule_rate:.0}/s: keeping {}",
-                        if per_request { "per-request" } else { "every-n" }
-                    );
-                    self.settle(per_request, now)
-                }
-                None => self.settle(self.per_request, now),
-            },
         }
+    }
+
+    /// Ends a trial whose windows all measured: keeps the fastest cadence
+    /// if it beats the kept one by the margin.
+    fn judge(&mut self, now: Instant) -> usize {
+        let fastest = (0..CADENCES.len())
+            .max_by(|&a, &b| self.rates[a].total_cmp(&self.rates[b]))
+            .unwrap_or(self.kept);
+        let winner = if self.rates[fastest] > self.rates[self.kept] * SWITCH_MARGIN {
+            fastest
+        } else {
+            self.kept
+        };
+        self.settle_for = if winner == self.kept {
+            (self.settle_for * 2).clamp(SETTLE, MAX_SETTLE)
+        } else {
+            SETTLE
+        };
+        log::debug!(
+            "mid-batch trial: requests/s every {:?}: {:.0?}: keeping every {}",
+            CADENCES,
+            self.rates,
+            CADENCES[winner]
+        );
+        self.settle(winner, now)
     }
 
     /// Requests per second over the phase that ran `elapsed`, if it
@@ -255,22 +275,28 @@ impl CadenceTrial {
         self.requests = 0;
     }
 
-    fn settle(&mut self, per_request: bool, now: Instant) -> bool {
-        self.per_request = per_request;
+    fn window(&mut self, i: usize, now: Instant) -> usize {
+        self.begin(TrialPhase::Window(i), now);
+        CADENCES[i]
+    }
+
+    fn settle(&mut self, kept: usize, now: Instant) -> usize {
+        self.kept = kept;
         self.begin(TrialPhase::Settled, now);
-        per_request
+        CADENCES[kept]
     }
 }
 
 /// A worker's choice of when inline completions go back during a batch:
-/// its [`MidBatch`] rule, and the trials that may switch the rule's
-/// cadence to per-request completions.
+/// its [`MidBatch`] rule, and the trials that pick the cadence while the
+/// rule hands completions back during a batch.
 #[derive(Clone, Debug)]
 pub struct MidBatchChoice {
     rule: MidBatch,
     /// Trials run: the automatic rule, on a worker with a thread of its
     /// own (a thread shared by several queues measures them all at once,
-    /// and there per-request completions lost a quarter at depth 32).
+    /// and there per-request completions lost a quarter at depth 32,
+    /// four queues on one thread).
     trials: bool,
     trial: Box<CadenceTrial>,
 }
@@ -297,10 +323,8 @@ impl MidBatchChoice {
         let n = self.rule.now();
         if n == 0 || !self.trials {
             n
-        } else if self.trial.per_request(now) {
-            1
         } else {
-            n
+            self.trial.cadence(now)
         }
     }
 
@@ -345,34 +369,59 @@ mod tests {
         assert_eq!(MidBatch::Every(3).now(), 3);
     }
 
-    /// Runs one batch of `n` requests at `at` ms after `t0`; returns whether
-    /// it had per-request completions.
-    fn batch(t: &mut CadenceTrial, t0: Instant, at: u64, n: u64) -> bool {
-        let per_request = t.per_request(t0 + Duration::from_millis(at));
+    /// Runs one batch of `n` requests at `at` ms after `t0`; returns its
+    /// cadence.
+    fn batch(t: &mut CadenceTrial, t0: Instant, at: u64, n: u64) -> usize {
+        let cadence = t.cadence(t0 + Duration::from_millis(at));
         t.took(n);
-        per_request
+        cadence
     }
 
-    /// A trial keeps per-request completions where they take more requests
-    /// per second, for SETTLE, then tries again.
-    #[test]
-    fn a_trial_keeps_per_request_completions_that_win() {
-        let t0 = Instant::now();
+    /// Runs a trial from `start` ms with `requests` taken in each window
+    /// (10 ms each); returns the cadence kept after it.
+    fn trial(t: &mut CadenceTrial, t0: Instant, start: u64, requests: [u64; 3]) -> usize {
+        for (i, n) in requests.into_iter().enumerate() {
+            let at = start + 10 * i as u64;
+            assert_eq!(batch(t, t0, at, n), CADENCES[i], "window {i} at {at}");
+        }
+        batch(t, t0, start + 30, 0)
+    }
+
+    /// A trial that has had its first batch at t0; the first trial is due
+    /// at 100 ms.
+    fn started(t0: Instant) -> CadenceTrial {
         let mut t = CadenceTrial::default();
-        // The first batch starts a trial with per-request completions.
-        assert!(batch(&mut t, t0, 0, 1000));
-        assert!(batch(&mut t, t0, 5, 1000));
-        // The second window: the rule's cadence, half as fast.
-        assert!(!batch(&mut t, t0, 10, 500));
-        assert!(!batch(&mut t, t0, 15, 500));
-        // Per-request won (2000 against 1000 in 10 ms): kept.
-        assert!(batch(&mut t, t0, 20, 100));
-        assert!(batch(&mut t, t0, 269, 100));
-        // SETTLE is up: a new trial; this time the rule's cadence wins.
-        assert!(batch(&mut t, t0, 270, 1000));
-        assert!(!batch(&mut t, t0, 280, 3000));
-        assert!(!batch(&mut t, t0, 290, 10));
-        assert!(!batch(&mut t, t0, 539, 10));
+        assert_eq!(batch(&mut t, t0, 0, 1000), EVERY);
+        assert_eq!(batch(&mut t, t0, 99, 1000), EVERY);
+        t
+    }
+
+    /// A trial keeps the cadence that takes the most requests per second,
+    /// for SETTLE, then tries again.
+    #[test]
+    fn a_trial_keeps_the_fastest_cadence() {
+        let t0 = Instant::now();
+        let mut t = started(t0);
+        // Per-request completions win the first trial.
+        assert_eq!(trial(&mut t, t0, 100, [2000, 1000, 900]), 1);
+        assert_eq!(batch(&mut t, t0, 379, 100), 1);
+        // SETTLE is up: a new trial; this time every 32 wins.
+        assert_eq!(trial(&mut t, t0, 380, [1000, 2800, 3000]), 32);
+        assert_eq!(batch(&mut t, t0, 659, 10), 32);
+        // And then every 8.
+        assert_eq!(trial(&mut t, t0, 660, [1000, 3000, 2000]), 8);
+    }
+
+    /// Another cadence must beat the kept one by the margin.
+    #[test]
+    fn the_kept_cadence_stays_unless_another_clearly_wins() {
+        let t0 = Instant::now();
+        let mut t = started(t0);
+        // Every 8 is kept at first: 4 % faster is not enough.
+        assert_eq!(trial(&mut t, t0, 100, [1040, 1000, 1000]), 8);
+        // Every 32 wins by more than the margin; then 8 is within it.
+        assert_eq!(trial(&mut t, t0, 380, [1000, 1000, 1100]), 32);
+        assert_eq!(trial(&mut t, t0, 660, [1000, 1100, 1080]), 32);
     }
 
     /// Each trial that confirms the winner doubles the time to the next, up
@@ -380,36 +429,21 @@ mod tests {
     #[test]
     fn a_confirmed_winner_is_tried_less_often() {
         let t0 = Instant::now();
-        let mut t = CadenceTrial::default();
-        // Trials at 0, 520 (after 500), 1540 (after 1000), 3560 (after
-        // 2000), 5580 (after 2000): every-n wins each (and wins the first
-        // against the initial every-n as well).
-        for (start, settled_until) in [(0, 520), (520, 1540), (1540, 3560), (3560, 5580)] {
-            assert!(batch(&mut t, t0, start, 1000), "trial at {start}");
-            assert!(!batch(&mut t, t0, start + 10, 2000));
-            assert!(!batch(&mut t, t0, start + 20, 0));
-            assert!(
-                !batch(&mut t, t0, settled_until - 1, 0),
-                "settled at {start}"
-            );
+        let mut t = started(t0);
+        // Every 8 wins each trial (the first against the initial 8 as
+        // well): the next comes after 250, 500, 1000, 2000 and 2000 ms.
+        let mut start = 100;
+        for settle in [250, 500, 1000, 2000, 2000] {
+            assert_eq!(trial(&mut t, t0, start, [1000, 2000, 1000]), 8);
+            let next = start + 30 + settle;
+            assert_eq!(batch(&mut t, t0, next - 1, 0), 8, "settled after {start}");
+            start = next;
         }
-        // Per-request wins at 5580: back to SETTLE.
-        assert!(batch(&mut t, t0, 5580, 3000));
-        assert!(!batch(&mut t, t0, 5590, 1000));
-        assert!(batch(&mut t, t0, 5600, 0));
-        assert!(batch(&mut t, t0, 5849, 0));
-        assert!(batch(&mut t, t0, 5850, 1000), "a trial starts after SETTLE");
-        assert!(!batch(&mut t, t0, 5860, 0));
-    }
-
-    /// Per-request completions need a clear win; a tie keeps the rule's.
-    #[test]
-    fn a_tie_goes_to_the_rules_cadence() {
-        let t0 = Instant::now();
-        let mut t = CadenceTrial::default();
-        assert!(batch(&mut t, t0, 0, 1050));
-        assert!(!batch(&mut t, t0, 10, 1000));
-        assert!(!batch(&mut t, t0, 20, 10));
+        // Per-request completions win: back to SETTLE.
+        assert_eq!(trial(&mut t, t0, start, [3000, 1000, 1000]), 1);
+        assert_eq!(batch(&mut t, t0, start + 279, 0), 1);
+        assert_eq!(batch(&mut t, t0, start + 280, 1000), 1, "a trial starts");
+        assert_eq!(batch(&mut t, t0, start + 290, 1000), 8);
     }
 
     /// A window the worker slept through, or one with too few requests to
@@ -417,18 +451,16 @@ mod tests {
     #[test]
     fn a_trial_over_an_idle_guest_keeps_the_previous_cadence() {
         let t0 = Instant::now();
-        let mut t = CadenceTrial::default();
-        assert!(batch(&mut t, t0, 0, 1000));
-        assert!(!batch(&mut t, t0, 10, 300));
-        assert!(batch(&mut t, t0, 20, 0)); // settled on per-request
-                                           // The next trial: the per-request window spans an idle second.
-        assert!(batch(&mut t, t0, 270, 1000));
-        assert!(batch(&mut t, t0, 1270, 5)); // dropped, previous kept
-        assert!(batch(&mut t, t0, 1500, 5));
-        // The next trial: too few requests in the rule's window.
-        assert!(batch(&mut t, t0, 1520, 1000));
-        assert!(!batch(&mut t, t0, 1530, 100));
-        assert!(batch(&mut t, t0, 1540, 0));
+        let mut t = started(t0);
+        assert_eq!(trial(&mut t, t0, 100, [2000, 1000, 1000]), 1);
+        // The next trial: its first window spans an idle second.
+        assert_eq!(batch(&mut t, t0, 380, 1000), 1);
+        assert_eq!(batch(&mut t, t0, 1380, 5), 1); // dropped, 1 kept
+        assert_eq!(batch(&mut t, t0, 1629, 5), 1);
+        // The next trial: too few requests in the window of every 8.
+        assert_eq!(batch(&mut t, t0, 1630, 1000), 1);
+        assert_eq!(batch(&mut t, t0, 1640, 100), 8);
+        assert_eq!(batch(&mut t, t0, 1650, 0), 1);
     }
 
     /// Trials run only for the automatic rule on a thread of the worker's
@@ -444,7 +476,18 @@ mod tests {
             cpus: 2,
         };
         let mut own = MidBatchChoice::new(auto.clone());
-        assert_eq!(own.for_batch(t0), 1, "a trial starts with per-request");
+        assert_eq!(own.for_batch(t0), EVERY);
+        let first_trial = t0 + FIRST_TRIAL;
+        assert_eq!(
+            own.for_batch(first_trial),
+            1,
+            "a trial starts with per-request"
+        );
+        assert_eq!(
+            own.for_batch(first_trial + TRIAL_WINDOW),
+            EVERY,
+            "a window with nothing measured: every 8 kept"
+        );
         let mut shared = MidBatchChoice::new(auto);
         shared.set_shares_thread(true);
         assert_eq!(shared.for_batch(t0), 8);
