@@ -373,7 +373,7 @@ impl QueueWorker {
         let end = self.pop_and_submit(&mut ring, &state, &snapshot);
         self.mid_batch
             .took(ring.next_avail().wrapping_sub(first).into());
-        self.complete(&mut ring, &state, &snapshot, false);
+        self.complete(&mut ring, &state, &snapshot, false, None);
         #[cfg(test)]
         {
             self.passes += 1;
@@ -496,7 +496,7 @@ impl QueueWorker {
         let snapshot = self.memory_snapshot(&mem);
         let mut state = vring.get_mut();
         let mut ring = SplitRing::new(state.get_queue(), &snapshot);
-        self.complete(&mut ring, &state, &snapshot, true);
+        self.complete(&mut ring, &state, &snapshot, true, None);
         ring.store_indexes(state.get_queue_mut());
     }
 
@@ -580,7 +580,7 @@ impl QueueWorker {
             since_complete += 1;
             if inline_target && since_complete == mid_batch {
                 since_complete = 0;
-                self.complete(ring, state, snapshot, false);
+                self.complete(ring, state, snapshot, false, Some(batch_start));
             }
         }
         PopEnd::CutShort
@@ -745,13 +745,20 @@ impl QueueWorker {
     }
 
     /// Completes what the target has finished. `receive`: look for new
-    /// completions (the target's fd fired); after submits only send.
+    /// completions (the target's fd fired); after submits only send. `at`:
+    /// the time to record the completions at, if the caller has one; else
+    /// the clock is read. An inline target's completions in the middle of
+    /// a batch take the batch's start: they finished as they were
+    /// submitted, and with completions after every request a clock read
+    /// per request cost 7-9 % of the IOPS at one queue, depth 8-32. Their
+    /// latency then leaves out the earlier requests of the same batch.
     fn complete(
         &mut self,
         ring: &mut SplitRing,
         state: &VringState,
         snapshot: &GuestMemoryMmap,
         receive: bool,
+        at: Option<Instant>,
     ) {
         let mut done = std::mem::take(&mut self.done);
         if receive {
@@ -764,7 +771,7 @@ impl QueueWorker {
             self.signal(ring, state);
             return;
         }
-        let now = Instant::now();
+        let now = at.unwrap_or_else(Instant::now);
         for c in done.drain(..) {
             let Some(entry) = self.slots.get_mut(c.tag as usize).and_then(Option::take) else {
                 error!(
