@@ -322,6 +322,10 @@ impl MidBatchChoice {
     pub fn for_batch(&mut self, now: Instant) -> usize {
         let n = self.rule.now();
         if n == 0 || !self.trials {
+            // The trial's clock and count go on meanwhile: a window that
+            // spans batches at the end-of-batch cadence measures a mix,
+            // goes stale if the worker slept, and the next trial corrects
+            // what it decided.
             n
         } else {
             self.trial.cadence(now)
@@ -332,6 +336,12 @@ impl MidBatchChoice {
     #[inline]
     pub fn took(&mut self, requests: u64) {
         self.trial.took(requests);
+    }
+
+    /// Requests counted in the trial's current phase.
+    #[cfg(test)]
+    pub fn counted(&self) -> u64 {
+        self.trial.requests
     }
 }
 

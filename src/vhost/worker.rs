@@ -1040,6 +1040,32 @@ mod tests {
         (vring, avail, used, [0, 3, 6, 9, 10, 11, 12, 13, 14, 15])
     }
 
+    /// The cadence trial of a worker with the automatic rule counts every
+    /// request a pass takes (its rates are requests per second), and the
+    /// pass gives every request its completion whatever the cadence.
+    #[test]
+    fn the_cadence_trial_counts_every_request_taken() {
+        let gm = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap();
+        let (vring, avail, used, heads) = mixed_ring(&gm);
+        let mem = GuestMemoryAtomic::new(gm.clone());
+        let mut w = worker(&mem);
+        w.set_mid_batch(MidBatch::WhileACpuIsFree {
+            running: Arc::new(crate::vhost::mid_batch::RunningWorkers::default()),
+            cpus: 2,
+        });
+        for k in 0..QSIZE {
+            let head = heads[usize::from(k) % heads.len()];
+            gm.write_obj(head, avail.unchecked_add(4 + 2 * u64::from(k)))
+                .unwrap();
+        }
+        gm.write_obj(QSIZE, avail.unchecked_add(2)).unwrap();
+        w.process_queue(&vring, true);
+        assert_eq!(w.mid_batch.counted(), u64::from(QSIZE));
+        let used_idx: u16 = gm.read_obj(used.unchecked_add(2)).unwrap();
+        assert_eq!(used_idx, QSIZE);
+        assert_eq!(w.in_flight(), 0);
+    }
+
     /// A worker copies the shared memory table once per table, takes a new
     /// copy when the table changes, and lets go of it on set_memory.
     #[test]
