@@ -1,5 +1,6 @@
 //! The vhost-user-blk device: backend (features, config space, event
-//! dispatch), the per-queue workers and inflight I/O tracking.
+//! dispatch), the per-queue workers, the split ring, inflight I/O tracking
+//! and the cadence of completions during a batch.
 
 pub mod backend;
 pub mod inflight;

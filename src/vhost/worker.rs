@@ -28,7 +28,7 @@ use crate::log_limit::{suppressed_note, LogLimiter};
 use crate::metrics::{self, LatencyHistogram, OwnedCounter, StatOp, StatStamp};
 
 use super::inflight::{QueueInflight, Recovery};
-use super::mid_batch::{mid_batch_from_env, MidBatch, MidBatchChoice};
+use super::mid_batch::{mid_batch_from_env, MidBatch, MidBatchChoice, EVERY};
 use super::ring::{servable, RingError, SplitRing};
 
 /// A virtqueue over the backend's guest memory (regions with dirty bitmaps).
@@ -238,7 +238,7 @@ impl QueueWorker {
             recover_pending: false,
             shares_thread: false,
             poll_window: ring_poll(inline_target),
-            mid_batch: MidBatchChoice::new(MidBatch::Every(mid_batch_from_env().unwrap_or(8))),
+            mid_batch: MidBatchChoice::new(MidBatch::Every(mid_batch_from_env().unwrap_or(EVERY))),
             pass_budget: PASS_BUDGET,
             kicks_off: None,
             #[cfg(test)]
