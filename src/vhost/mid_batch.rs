@@ -187,7 +187,8 @@ pub struct CadenceTrial {
     /// Requests taken since the phase began.
     requests: u64,
     /// How long the current winner is kept ([`SETTLE`] up to [`MAX_SETTLE`];
-    /// [`FIRST_TRIAL`] before the first trial).
+    /// [`FIRST_TRIAL`] until a trial has judged: a dropped trial leaves it
+    /// as it was).
     settle_for: Duration,
 }
 
@@ -262,6 +263,14 @@ impl CadenceTrial {
         self.settle(winner, now)
     }
 
+    /// Ends a trial under way, keeping the cadence kept before it; the
+    /// next trial comes after the same wait.
+    pub fn drop_trial(&mut self, now: Instant) {
+        if matches!(self.phase, TrialPhase::Window(_)) {
+            self.settle(self.kept, now);
+        }
+    }
+
     /// Requests per second over the phase that ran `elapsed`, if it
     /// measured enough to judge by.
     fn rate(&self, elapsed: Duration) -> Option<f64> {
@@ -293,27 +302,40 @@ impl CadenceTrial {
 #[derive(Clone, Debug)]
 pub struct MidBatchChoice {
     rule: MidBatch,
-    /// Trials run: the automatic rule, on a worker with a thread of its
-    /// own (a thread shared by several queues measures them all at once,
-    /// and there per-request completions lost a quarter at depth 32,
-    /// four queues on one thread).
+    /// The worker's thread serves other queues too.
+    shares_thread: bool,
+    /// The worker's target completes inline (only those complete during a
+    /// batch).
+    inline_target: bool,
+    /// Trials run: the automatic rule, an inline target, a worker with a
+    /// thread of its own (a thread shared by several queues measures them
+    /// all at once, and there per-request completions lost a quarter at
+    /// depth 32, four queues on one thread).
     trials: bool,
     trial: Box<CadenceTrial>,
 }
 
 impl MidBatchChoice {
-    /// The choice under `rule`, with trials where the rule is automatic.
-    pub fn new(rule: MidBatch) -> Self {
-        MidBatchChoice {
-            trials: matches!(rule, MidBatch::WhileACpuIsFree { .. }),
+    /// The choice under `rule` for a worker whose target completes inline
+    /// or not, with trials where the rule is automatic and the target
+    /// inline.
+    pub fn new(rule: MidBatch, inline_target: bool) -> Self {
+        let mut choice = MidBatchChoice {
             rule,
+            shares_thread: false,
+            inline_target,
+            trials: false,
             trial: Box::default(),
-        }
+        };
+        choice.set_shares_thread(false);
+        choice
     }
 
     /// The worker's thread serves other queues too: no trials.
     pub fn set_shares_thread(&mut self, shares: bool) {
-        self.trials = !shares && matches!(self.rule, MidBatch::WhileACpuIsFree { .. });
+        self.shares_thread = shares;
+        self.trials =
+            !shares && self.inline_target && matches!(self.rule, MidBatch::WhileACpuIsFree { .. });
     }
 
     /// After how many requests the completions of the batch starting at
@@ -321,11 +343,12 @@ impl MidBatchChoice {
     #[inline]
     pub fn for_batch(&mut self, now: Instant) -> usize {
         let n = self.rule.now();
-        if n == 0 || !self.trials {
-            // The trial's clock and count go on meanwhile: a window that
-            // spans batches at the end-of-batch cadence measures a mix,
-            // goes stale if the worker slept, and the next trial corrects
-            // what it decided.
+        if !self.trials {
+            n
+        } else if n == 0 {
+            // A window that went on at the end-of-batch cadence would
+            // credit its rate to the cadence it was measuring.
+            self.trial.drop_trial(now);
             n
         } else {
             self.trial.cadence(now)
@@ -335,7 +358,9 @@ impl MidBatchChoice {
     /// Counts the requests a batch took from the ring.
     #[inline]
     pub fn took(&mut self, requests: u64) {
-        self.trial.took(requests);
+        if self.trials {
+            self.trial.took(requests);
+        }
     }
 
     /// Requests counted in the trial's current phase.
@@ -473,21 +498,30 @@ mod tests {
         assert_eq!(batch(&mut t, t0, 1650, 0), 1);
     }
 
-    /// Trials run only for the automatic rule on a thread of the worker's
-    /// own, and only while the rule itself completes mid-batch.
+    /// Trials run only for the automatic rule, an inline target and a
+    /// thread of the worker's own, and only while the rule itself completes
+    /// mid-batch.
     #[test]
     fn trials_only_where_the_rule_is_automatic_and_the_thread_its_own() {
         let t0 = Instant::now();
-        let mut fixed = MidBatchChoice::new(MidBatch::Every(8));
-        assert_eq!(fixed.for_batch(t0), 8);
+        let first_trial = t0 + FIRST_TRIAL;
         let running = Arc::new(RunningWorkers::default());
         let auto = MidBatch::WhileACpuIsFree {
             running: running.clone(),
             cpus: 2,
         };
-        let mut own = MidBatchChoice::new(auto.clone());
+        let mut fixed = MidBatchChoice::new(MidBatch::Every(8), true);
+        let mut shared = MidBatchChoice::new(auto.clone(), true);
+        shared.set_shares_thread(true);
+        let mut network = MidBatchChoice::new(auto.clone(), false);
+        for choice in [&mut fixed, &mut shared, &mut network] {
+            assert_eq!(choice.for_batch(t0), EVERY);
+            choice.took(1000);
+            assert_eq!(choice.for_batch(first_trial), EVERY, "no trial");
+            assert_eq!(choice.counted(), 0, "nothing counted without trials");
+        }
+        let mut own = MidBatchChoice::new(auto, true);
         assert_eq!(own.for_batch(t0), EVERY);
-        let first_trial = t0 + FIRST_TRIAL;
         assert_eq!(
             own.for_batch(first_trial),
             1,
@@ -498,12 +532,38 @@ mod tests {
             EVERY,
             "a window with nothing measured: every 8 kept"
         );
-        let mut shared = MidBatchChoice::new(auto);
-        shared.set_shares_thread(true);
-        assert_eq!(shared.for_batch(t0), 8);
         // Every CPU busy with a worker: end of batch only, trial or not.
         let _a = running.enter();
         let _b = running.enter();
         assert_eq!(own.for_batch(t0), 0);
+    }
+
+    /// A trial under way ends, the kept cadence with it, when the rule
+    /// turns to end-of-batch completions: its window would credit those
+    /// batches to the cadence it measures.
+    #[test]
+    fn a_trial_ends_when_the_rule_stops_mid_batch_completions() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let running = Arc::new(RunningWorkers::default());
+        let mut own = MidBatchChoice::new(
+            MidBatch::WhileACpuIsFree {
+                running: running.clone(),
+                cpus: 1,
+            },
+            true,
+        );
+        assert_eq!(own.for_batch(ms(0)), EVERY);
+        assert_eq!(own.for_batch(ms(100)), 1, "the first trial");
+        own.took(5000);
+        {
+            let _busy = running.enter();
+            assert_eq!(own.for_batch(ms(105)), 0);
+            own.took(5000);
+        }
+        // Dropped: every 8 kept, the next trial 100 ms after the drop.
+        assert_eq!(own.for_batch(ms(110)), EVERY);
+        assert_eq!(own.for_batch(ms(204)), EVERY);
+        assert_eq!(own.for_batch(ms(205)), 1, "the next trial");
     }
 }
