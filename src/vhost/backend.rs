@@ -231,7 +231,7 @@ impl BlkBackend {
             );
             w.set_shares_thread(opts.threads < opts.num_queues);
             w.set_mid_batch(mid_batch.clone());
-            inline_target |= w.target_fd().is_none();
+            inline_target |= w.inline_target();
             stats.push(w.stats());
             workers.push(QueueSlot(Mutex::new(w)));
         }

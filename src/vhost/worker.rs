@@ -197,6 +197,9 @@ pub struct QueueWorker {
     shares_thread: bool,
     /// How long the ring is watched after a batch ([`ring_poll`]).
     poll_window: Duration,
+    /// The target completes requests as they are submitted (`mem:`,
+    /// `null:`): it has no event fd.
+    inline_target: bool,
     /// When inline completions go back to the guest during a deep batch.
     mid_batch: MidBatchChoice,
     /// How long one `process_queue` call may go on ([`PASS_BUDGET`]; tests
@@ -244,6 +247,7 @@ impl QueueWorker {
             inflight: None,
             recover_pending: false,
             shares_thread: false,
+            inline_target,
             poll_window: ring_poll(inline_target),
             mid_batch: MidBatchChoice::new(
                 MidBatch::Every(mid_batch_from_env().unwrap_or(EVERY)),
@@ -265,7 +269,7 @@ impl QueueWorker {
 
     /// Sets when inline completions go back to the guest during a batch.
     pub fn set_mid_batch(&mut self, mid_batch: MidBatch) {
-        self.mid_batch = MidBatchChoice::new(mid_batch, self.target.event_fd().is_none());
+        self.mid_batch = MidBatchChoice::new(mid_batch, self.inline_target);
         self.mid_batch.set_shares_thread(self.shares_thread);
     }
 
@@ -277,6 +281,11 @@ impl QueueWorker {
     /// The target's event fd, for the worker's epoll.
     pub fn target_fd(&self) -> Option<std::os::fd::RawFd> {
         self.target.event_fd()
+    }
+
+    /// Whether the target completes requests as they are submitted.
+    pub fn inline_target(&self) -> bool {
+        self.inline_target
     }
 
     /// Requests handed to the target and not yet completed.
@@ -561,7 +570,7 @@ impl QueueWorker {
     ) -> PopEnd {
         // One clock read per batch: latency is measured from the batch start.
         let batch_start = Instant::now();
-        let inline_target = self.target.event_fd().is_none();
+        let inline_target = self.inline_target;
         let mid_batch = self.mid_batch.for_batch(batch_start);
         let mut since_complete = 0usize;
         // The time mid-batch completions are recorded at: read again once
@@ -1057,6 +1066,23 @@ mod tests {
         (vring, avail, used, [0, 3, 6, 9, 10, 11, 12, 13, 14, 15])
     }
 
+    /// Fills the available ring with QSIZE heads, taken in turn from `heads`
+    /// starting `skip` entries in, and sets the available index to `idx`.
+    fn offer_full_ring(
+        gm: &GuestMemoryMmap,
+        avail: GuestAddress,
+        heads: &[u16],
+        skip: usize,
+        idx: u16,
+    ) {
+        for k in 0..QSIZE {
+            let head = heads[(skip + usize::from(k)) % heads.len()];
+            gm.write_obj(head, avail.unchecked_add(4 + 2 * u64::from(k)))
+                .unwrap();
+        }
+        gm.write_obj(idx, avail.unchecked_add(2)).unwrap();
+    }
+
     /// The cadence trial of a worker with the automatic rule counts every
     /// request a pass takes (its rates are requests per second), and the
     /// pass gives every request its completion whatever the cadence.
@@ -1070,12 +1096,7 @@ mod tests {
             running: Arc::new(crate::vhost::mid_batch::RunningWorkers::default()),
             cpus: 2,
         });
-        for k in 0..QSIZE {
-            let head = heads[usize::from(k) % heads.len()];
-            gm.write_obj(head, avail.unchecked_add(4 + 2 * u64::from(k)))
-                .unwrap();
-        }
-        gm.write_obj(QSIZE, avail.unchecked_add(2)).unwrap();
+        offer_full_ring(&gm, avail, &heads, 0, QSIZE);
         w.process_queue(&vring, true);
         assert_eq!(w.mid_batch.counted(), u64::from(QSIZE));
         let used_idx: u16 = gm.read_obj(used.unchecked_add(2)).unwrap();
@@ -1137,12 +1158,7 @@ mod tests {
         w.pass_budget = Duration::from_secs(60);
         let mut n = 0u64;
         for round in 1..=2u16 {
-            for k in 0..QSIZE {
-                let head = heads[(n as usize + usize::from(k)) % heads.len()];
-                gm.write_obj(head, avail.unchecked_add(4 + 2 * u64::from(k)))
-                    .unwrap();
-            }
-            gm.write_obj(round * QSIZE, avail.unchecked_add(2)).unwrap();
+            offer_full_ring(&gm, avail, &heads, n as usize, round * QSIZE);
             w.process_queue(&vring, true);
             assert_eq!(w.passes, 2 * usize::from(round), "round {round}");
             assert_eq!(vring.queue_next_avail(), round * QSIZE, "round {round}");
