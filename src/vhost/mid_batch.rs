@@ -312,6 +312,9 @@ pub struct MidBatchChoice {
     /// all at once, and there per-request completions lost a quarter at
     /// depth 32, four queues on one thread).
     trials: bool,
+    /// Boxed: it is touched once per batch, and kept inline it spread the
+    /// worker's per-request fields over more cache lines (one queue, QD128,
+    /// A/B with the cadence fixed at 8: -4 % inline, -2 % boxed).
     trial: Box<CadenceTrial>,
 }
 
