@@ -8,11 +8,13 @@
 //! Without a store it is the null target (`null:SIZE`), QEMU null-co's
 //! counterpart: reads return zeroes, writes are dropped.
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::os::fd::RawFd;
 use std::sync::{Arc, RwLock};
 
+use super::buffer::{GuestBuffers, IoBuffers};
 use super::target::{
     BlockOp, BlockRequest, BlockStatus, Completion, DeviceInfo, QueueTarget, RangeOpLimits, Target,
     TargetError,
@@ -81,7 +83,7 @@ impl SparseStore {
         }
     }
 
-    fn read(&self, start: u64, len: u64, dst: &super::buffer::IoBuffers) {
+    fn read(&self, start: u64, len: u64, dst: &IoBuffers) {
         Self::pieces(start, len, |chunk, off, at, n| {
             // A poisoned lock means another thread panicked mid-copy; the bytes are
             // still plain memory, so keep serving rather than cascade the panic.
@@ -97,7 +99,7 @@ impl SparseStore {
         });
     }
 
-    fn write(&self, start: u64, len: u64, src: &super::buffer::IoBuffers) {
+    fn write(&self, start: u64, len: u64, src: &IoBuffers) {
         Self::pieces(start, len, |chunk, off, at, n| {
             let mut shard = self.shard(chunk).write().unwrap_or_else(|e| e.into_inner());
             let c = shard
@@ -228,27 +230,37 @@ struct MemQueue {
     ready: Vec<Completion>,
 }
 
-impl QueueTarget for MemQueue {
-    fn submit(&mut self, tag: u64, req: BlockRequest) {
+impl MemQueue {
+    /// Serves `req` (owned or borrowed buffers alike).
+    fn serve<D: Borrow<IoBuffers>>(&self, req: &BlockRequest<D>) -> BlockStatus {
         // The blk layer has already checked ranges against the capacity.
         let start = req.sector * 512;
+        let data: &IoBuffers = req.data.borrow();
         match (&self.store, req.op) {
             (None, BlockOp::Read) => {
-                req.data.fill_zero(0, req.data.len());
+                data.fill_zero(0, data.len());
             }
             (None, _) | (Some(_), BlockOp::Flush) => {}
-            (Some(store), BlockOp::Read) => store.read(start, req.data.len(), &req.data),
-            (Some(store), BlockOp::Write { .. }) => store.write(start, req.data.len(), &req.data),
+            (Some(store), BlockOp::Read) => store.read(start, data.len(), data),
+            (Some(store), BlockOp::Write { .. }) => store.write(start, data.len(), data),
             (Some(store), BlockOp::Discard | BlockOp::WriteZeroes { .. }) => {
                 for r in &req.ranges {
                     store.zero(r.sector * 512, r.num_sectors as u64 * 512);
                 }
             }
         }
-        self.ready.push(Completion {
-            tag,
-            status: BlockStatus::Ok,
-        });
+        BlockStatus::Ok
+    }
+}
+
+impl QueueTarget for MemQueue {
+    fn submit(&mut self, tag: u64, req: BlockRequest) {
+        let status = self.serve(&req);
+        self.ready.push(Completion { tag, status });
+    }
+
+    fn execute(&mut self, req: &BlockRequest<GuestBuffers<'_>>) -> Option<BlockStatus> {
+        Some(self.serve(req))
     }
 
     fn poll(&mut self, done: &mut Vec<Completion>) {
@@ -370,8 +382,10 @@ mod tests {
             .unwrap();
         let t = MemTarget::null(1 << 20, false);
         let mut q = t.open_queue(0).unwrap();
-        let mut data = IoBuffers::new(mem.clone());
-        data.push_guest(&mem, GuestAddress(0x1000), 0x1000).unwrap();
+        // The write is submitted with buffers of its own, completed by poll;
+        // the read is served at once through buffers borrowed from `mem`.
+        let mut data = GuestBuffers::new(&mem);
+        data.push_guest(GuestAddress(0x1000), 0x1000).unwrap();
         q.submit(
             7,
             BlockRequest {
@@ -379,23 +393,27 @@ mod tests {
                 sector: 0,
                 data,
                 ranges: vec![],
-            },
+            }
+            .into_owned(),
         );
-        let mut data = IoBuffers::new(mem.clone());
-        data.push_guest(&mem, GuestAddress(0x1800), 0x1000).unwrap();
-        q.submit(
-            8,
-            BlockRequest {
-                op: BlockOp::Read,
-                sector: 8,
-                data,
-                ranges: vec![],
-            },
-        );
+        let mut data = GuestBuffers::new(&mem);
+        data.push_guest(GuestAddress(0x1800), 0x1000).unwrap();
+        let read = BlockRequest {
+            op: BlockOp::Read,
+            sector: 8,
+            data,
+            ranges: vec![],
+        };
+        assert_eq!(q.execute(&read), Some(BlockStatus::Ok));
         let mut done = Vec::new();
         q.poll(&mut done);
-        assert_eq!(done.len(), 2);
-        assert!(done.iter().all(|c| c.status == BlockStatus::Ok));
+        assert_eq!(
+            done,
+            [Completion {
+                tag: 7,
+                status: BlockStatus::Ok
+            }]
+        );
         assert_eq!(q.in_flight(), 0);
         let mut back = [0u8; 0x2000];
         mem.read_slice(&mut back, GuestAddress(0x1000)).unwrap();

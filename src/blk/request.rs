@@ -14,7 +14,7 @@ use thiserror::Error;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
-use super::buffer::{read_in_region, GuestMemoryMmap, IoBuffers};
+use super::buffer::{read_in_region, GuestBuffers, GuestMemoryMmap};
 use super::target::{BlockOp, BlockRequest, SectorRange, SharedCapacity};
 
 /// VIRTIO_BLK_T_IN: read.
@@ -136,21 +136,22 @@ impl RequestError {
     }
 }
 
-/// What a valid request asks for.
+/// What a valid request asks for. Its buffers borrow the guest memory
+/// snapshot it was parsed from.
 #[derive(Debug)]
-pub enum Request {
+pub enum Request<'m> {
     /// Goes to the target.
-    Block(BlockRequest),
+    Block(BlockRequest<GuestBuffers<'m>>),
     /// Answered by the device itself: the 20-byte serial goes into `data`.
     GetId {
         /// Where the serial is written.
-        data: IoBuffers,
+        data: GuestBuffers<'m>,
     },
 }
 
 /// A parsed chain: where to report, and what was asked (or why it was refused).
 #[derive(Debug)]
-pub struct ParsedRequest {
+pub struct ParsedRequest<'m> {
     /// Head descriptor index, for the used ring.
     pub head_index: u16,
     /// Guest address of the status byte; None if the chain has none (it is then
@@ -162,7 +163,7 @@ pub struct ParsedRequest {
     /// status byte: marked dirty for live migration once the data is in.
     pub data_in_ranges: GuestRanges,
     /// The request, or why it is refused.
-    pub request: Result<Request, RequestError>,
+    pub request: Result<Request<'m>, RequestError>,
 }
 
 /// Guest (address, length) ranges; requests have one or two, kept inline.
@@ -198,14 +199,14 @@ impl Stream {
         out
     }
 
-    /// IoBuffers over `offset..offset+len` of the stream.
-    fn buffers(
+    /// Buffers over `offset..offset+len` of the stream.
+    fn buffers<'m>(
         &self,
-        mem: &Arc<GuestMemoryMmap>,
+        mem: &'m Arc<GuestMemoryMmap>,
         offset: u64,
         len: u64,
-    ) -> Result<IoBuffers, RequestError> {
-        let mut out = IoBuffers::new(mem.clone());
+    ) -> Result<GuestBuffers<'m>, RequestError> {
+        let mut out = GuestBuffers::new(mem);
         let mut skip = offset;
         let mut left = len;
         for &(addr, plen) in &self.parts {
@@ -219,7 +220,7 @@ impl Stream {
             }
             let take = (plen - skip).min(left);
             let start = addr.unchecked_add(skip);
-            out.push_guest(mem, start, take as u32)
+            out.push_guest(start, take as u32)
                 .map_err(|_| RequestError::BadAddress {
                     addr: start.0,
                     len: take as u32,
@@ -264,12 +265,12 @@ impl Stream {
 /// Parses one descriptor chain popped from a virtqueue: `head_index` and
 /// its descriptors in order (a chain cut short by a loop or a bad index ends
 /// with a descriptor that still says NEXT, and is refused).
-pub fn parse_request<I>(
+pub fn parse_request<'m, I>(
     head_index: u16,
     chain: I,
-    mem: &Arc<GuestMemoryMmap>,
+    mem: &'m Arc<GuestMemoryMmap>,
     limits: &RequestLimits,
-) -> ParsedRequest
+) -> ParsedRequest<'m>
 where
     I: IntoIterator<Item = Descriptor>,
 {
@@ -369,16 +370,16 @@ where
 }
 
 #[allow(clippy::too_many_arguments)]
-fn parse_body(
+fn parse_body<'m>(
     ty: u32,
     sector: u64,
     readable: &Stream,
     writable: &Stream,
     data_out: u64,
     data_in: u64,
-    mem: &Arc<GuestMemoryMmap>,
+    mem: &'m Arc<GuestMemoryMmap>,
     limits: &RequestLimits,
-) -> Result<Request, RequestError> {
+) -> Result<Request<'m>, RequestError> {
     let no_out = |bytes: u64| -> Result<(), RequestError> {
         if bytes != 0 {
             return Err(RequestError::WrongDirection {
@@ -445,7 +446,7 @@ fn parse_body(
             Ok(Request::Block(BlockRequest {
                 op: BlockOp::Flush,
                 sector: 0,
-                data: IoBuffers::empty(),
+                data: GuestBuffers::new(mem),
                 ranges: Vec::new(),
             }))
         }
@@ -511,7 +512,7 @@ fn parse_body(
                     BlockOp::WriteZeroes { unmap: unmap_all }
                 },
                 sector: 0,
-                data: IoBuffers::empty(),
+                data: GuestBuffers::new(mem),
                 ranges,
             }))
         }
@@ -552,11 +553,11 @@ mod tests {
 
     /// Builds a chain of (addr, len, flags) descriptors (NEXT is set automatically)
     /// and parses it.
-    fn parse(
-        m: &Arc<GuestMemoryMmap>,
+    fn parse<'m>(
+        m: &'m Arc<GuestMemoryMmap>,
         descs: &[(u64, u32, u16)],
         l: &RequestLimits,
-    ) -> ParsedRequest {
+    ) -> ParsedRequest<'m> {
         let vq = MockSplitQueue::new(&**m, 16);
         let raw: Vec<RawDescriptor> = descs
             .iter()

@@ -7,7 +7,9 @@
 //! A target that completes later (a network target with hundreds of commands in
 //! flight) exposes a file descriptor the worker adds to its epoll; when it turns
 //! readable the worker polls again. No threads per request, no locks shared
-//! between queues.
+//! between queues. A target whose work is a copy in memory (RAM, null) serves
+//! each request at once instead ([`QueueTarget::execute`]), through buffers
+//! borrowed from the worker's guest memory snapshot.
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +17,7 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
-use super::buffer::{GuestMemoryMmap, IoBuffers};
+use super::buffer::{GuestBuffers, GuestMemoryMmap, IoBuffers};
 
 /// Discard or write-zeroes limits advertised in the virtio config space.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,17 +141,33 @@ pub enum BlockOp {
     },
 }
 
-/// One request for the target.
+/// One request for the target. Its data buffers are [`IoBuffers`], which keep
+/// guest memory mapped on their own, or, for a request served at once
+/// ([`QueueTarget::execute`]), [`GuestBuffers`] borrowed from the worker's
+/// memory snapshot.
 #[derive(Debug)]
-pub struct BlockRequest {
+pub struct BlockRequest<D = IoBuffers> {
     /// The operation.
     pub op: BlockOp,
     /// First 512-byte sector (read and write).
     pub sector: u64,
     /// Data buffers in guest memory (read and write).
-    pub data: IoBuffers,
+    pub data: D,
     /// Ranges (discard and write-zeroes).
     pub ranges: Vec<SectorRange>,
+}
+
+impl BlockRequest<GuestBuffers<'_>> {
+    /// The same request with buffers that keep guest memory mapped on their
+    /// own, for a target that completes it later.
+    pub fn into_owned(self) -> BlockRequest {
+        BlockRequest {
+            op: self.op,
+            sector: self.sector,
+            data: self.data.into_owned(),
+            ranges: self.ranges,
+        }
+    }
 }
 
 /// Outcome of a request, as the guest will see it.
@@ -203,6 +221,15 @@ pub trait QueueTarget: Send {
     /// Accepts a request. It completes during a later [`poll`](Self::poll)
     /// (possibly the very next one).
     fn submit(&mut self, tag: u64, req: BlockRequest);
+
+    /// Serves `req` before returning, if this target works that way (the RAM
+    /// and null targets: a copy in memory), and gives its status; None if it
+    /// does not (the worker then [`submit`](Self::submit)s it). The buffers
+    /// are borrowed from the worker's memory snapshot: nothing of the request
+    /// can be kept past the call, and no reference count is paid for it.
+    fn execute(&mut self, _req: &BlockRequest<GuestBuffers<'_>>) -> Option<BlockStatus> {
+        None
+    }
 
     /// Sends what was submitted and appends every finished request to `done`.
     fn poll(&mut self, done: &mut Vec<Completion>);

@@ -161,6 +161,9 @@ pub struct QueueWorker {
     serial: [u8; ID_BYTES],
     slots: Vec<Option<InFlight>>,
     free_slots: Vec<usize>,
+    /// Completions to publish: those an inline target served at once
+    /// (`QueueTarget::execute`) wait here for the next `complete`, which
+    /// adds the target's own.
     done: Vec<Completion>,
     bad_input_log: LogLimiter,
     /// When set, no new requests are taken from the ring (shutdown drain).
@@ -768,7 +771,17 @@ impl QueueWorker {
                     stat,
                     data_in: parsed.data_in_ranges,
                 });
-                self.target.submit(tag, req);
+                // A target that serves requests at once does it through the
+                // borrowed buffers: no reference count on the snapshot per
+                // request (see GuestBuffers). Its completion is collected
+                // with the target's own in `complete`.
+                if self.inline_target {
+                    if let Some(status) = self.target.execute(&req) {
+                        self.done.push(Completion { tag, status });
+                        return;
+                    }
+                }
+                self.target.submit(tag, req.into_owned());
             }
         }
     }
