@@ -14,7 +14,7 @@ use thiserror::Error;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
-use super::buffer::{read_in_region, GuestBuffers, GuestMemoryMmap};
+use super::buffer::{read_words_in_region, GuestBuffers, GuestMemoryMmap};
 use super::target::{BlockOp, BlockRequest, SectorRange, SharedCapacity};
 
 /// VIRTIO_BLK_T_IN: read.
@@ -328,23 +328,26 @@ where
     if readable.len < HEADER_LEN {
         return fail(RequestError::ShortHeader(readable.len), Some(status));
     }
-    let mut header = [0u8; HEADER_LEN as usize];
+    // The header: type (le32), reserved/ioprio (le32), sector (le64).
     let fast = match readable.parts.first() {
-        Some(&(addr, len)) if len as u64 >= HEADER_LEN => {
-            read_in_region::<{ HEADER_LEN as usize }>(mem, addr)
-        }
+        Some(&(addr, len)) if len as u64 >= HEADER_LEN => read_words_in_region(mem, addr),
         _ => None,
     };
-    if let Some(h) = fast {
-        header = h;
-    } else if let Err(e) = readable.read(mem, 0, &mut header) {
-        return fail(e, Some(status));
-    }
-    let ty = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
-    let sector = u64::from_le_bytes([
-        header[8], header[9], header[10], header[11], header[12], header[13], header[14],
-        header[15],
-    ]);
+    let (ty, sector) = match fast {
+        Some([first, sector]) => (first as u32, sector),
+        None => {
+            let mut header = [0u8; HEADER_LEN as usize];
+            if let Err(e) = readable.read(mem, 0, &mut header) {
+                return fail(e, Some(status));
+            }
+            let ty = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+            let sector = u64::from_le_bytes([
+                header[8], header[9], header[10], header[11], header[12], header[13], header[14],
+                header[15],
+            ]);
+            (ty, sector)
+        }
+    };
     let data_out = readable.len - HEADER_LEN;
     let data_in = writable.len - 1;
 
