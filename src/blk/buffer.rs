@@ -66,7 +66,8 @@ pub fn read_words_in_region(mem: &GuestMemoryMmap, addr: GuestAddress) -> Option
         return None;
     }
     let ptr = region.get_host_address(offset).ok()?;
-    if (ptr as usize).is_multiple_of(8) {
+    let misalign = (ptr as usize) % 8;
+    if misalign == 0 {
         // SAFETY: `ptr..ptr+16` lies inside the region's mapping (checked
         // above), which the memory snapshot `mem` keeps mapped, and is
         // 8-aligned. The guest may write these bytes concurrently: atomic
@@ -79,25 +80,45 @@ pub fn read_words_in_region(mem: &GuestMemoryMmap, addr: GuestAddress) -> Option
                 AtomicU64::from_ptr(p.add(1)).load(Ordering::Relaxed),
             )
         };
-        Some([u64::from_le(lo), u64::from_le(hi)])
-    } else {
-        // SAFETY: as above, without the alignment; [u8; 16] has alignment 1
-        // and a volatile read takes one copy.
-        let b = unsafe { std::ptr::read_volatile(ptr.cast::<[u8; 16]>()) };
-        let word = |i: usize| {
-            u64::from_le_bytes([
-                b[i],
-                b[i + 1],
-                b[i + 2],
-                b[i + 3],
-                b[i + 4],
-                b[i + 5],
-                b[i + 6],
-                b[i + 7],
-            ])
-        };
-        Some([word(0), word(8)])
+        return Some([u64::from_le(lo), u64::from_le(hi)]);
     }
+    // Misaligned (libblkio's headers are): the three aligned words around
+    // the 16 bytes, shifted together, when they too lie inside the region.
+    let start = offset.0.checked_sub(misalign as u64)?;
+    if cfg!(target_endian = "little") && start + 24 <= region.len() {
+        // SAFETY: `ptr - misalign .. +24` lies inside the region's mapping
+        // (checked just above: the offsets are inside the region), which
+        // `mem` keeps mapped, and is 8-aligned by construction. Atomic
+        // loads for the reason above.
+        let (w0, w1, w2) = unsafe {
+            let p = ptr.sub(misalign).cast::<u64>();
+            (
+                AtomicU64::from_ptr(p).load(Ordering::Relaxed),
+                AtomicU64::from_ptr(p.add(1)).load(Ordering::Relaxed),
+                AtomicU64::from_ptr(p.add(2)).load(Ordering::Relaxed),
+            )
+        };
+        // Little-endian: the byte at `ptr` is the low byte of the result.
+        let sh = (misalign * 8) as u32;
+        let join = |a: u64, b: u64| (a >> sh) | (b << (64 - sh));
+        return Some([join(w0, w1), join(w1, w2)]);
+    }
+    // SAFETY: `ptr..ptr+16` lies inside the mapping (checked above); [u8;
+    // 16] has alignment 1 and a volatile read takes one copy.
+    let b = unsafe { std::ptr::read_volatile(ptr.cast::<[u8; 16]>()) };
+    let word = |i: usize| {
+        u64::from_le_bytes([
+            b[i],
+            b[i + 1],
+            b[i + 2],
+            b[i + 3],
+            b[i + 4],
+            b[i + 5],
+            b[i + 6],
+            b[i + 7],
+        ])
+    };
+    Some([word(0), word(8)])
 }
 
 /// Writes one byte at `addr` of guest memory and logs it dirty, as
@@ -424,12 +445,22 @@ mod tests {
             let w = |i: usize| u64::from_le_bytes(bytes[i..i + 8].try_into().unwrap());
             Some([w(at), w(at + 8)])
         };
-        // Aligned (word loads) and misaligned (a byte copy) give the same.
-        assert_eq!(read_words_in_region(&mem, GuestAddress(0x1fe0)), words(0));
-        assert_eq!(read_words_in_region(&mem, GuestAddress(0x1fe3)), words(3));
+        // Aligned (word loads) and misaligned (three words shifted
+        // together) give the same. (The byte copy is for regions whose host
+        // address or length is not a multiple of 8, which mmap does not make.)
+        for at in 0..8 {
+            assert_eq!(
+                read_words_in_region(&mem, GuestAddress(0x1fe0 + at as u64)),
+                words(at),
+                "at +{at}"
+            );
+        }
         assert_eq!(read_words_in_region(&mem, GuestAddress(0x1ff0)), words(16));
+        // The third word ends exactly at the region's end.
+        assert_eq!(read_words_in_region(&mem, GuestAddress(0x1fef)), words(15));
         // Crossing into the next region: the caller's general path must do it.
         assert_eq!(read_words_in_region(&mem, GuestAddress(0x1ff8)), None);
+        assert_eq!(read_words_in_region(&mem, GuestAddress(0x1ff1)), None);
         // Outside guest memory, and at the very top of the address space.
         assert_eq!(read_words_in_region(&mem, GuestAddress(0x3000)), None);
         assert_eq!(read_words_in_region(&mem, GuestAddress(u64::MAX - 4)), None);
