@@ -26,6 +26,9 @@ usage: bench/vhost-layer.sh [options]
   --iser-threads N       vhost-iser --threads N (default: one worker thread per queue;
                          1 runs all queues on one thread, as qsd does)
                          (its sparse RAM disk: adds a lock and a lookup per request)
+  --ring-poll-us N       vhost-iser's ring poll window after a batch, in microseconds
+                         (VHOST_ISER_RING_POLL_US; default: the backend's own, 20 for null:/mem:;
+                         0 sleeps until the guest kicks: the one-queue depth-1 trade-off)
   --out FILE             JSON output (default bench/results/vhost-layer.json)
   --no-build             do not run cargo (binaries must already exist)
 Environment: VHOST_ISER_GIT=<rev> is recorded in the JSON as the vhost-iser revision measured.
@@ -47,6 +50,7 @@ iser_bin=
 qsd_read_zeroes=on
 iser_target=null
 iser_threads=
+ring_poll_us=
 out="$repo/bench/results/vhost-layer.json"
 build=1
 backend_queues=4
@@ -70,6 +74,7 @@ while [ $# -gt 0 ]; do
         --poll) poll=--poll; shift ;;
         --vhost-iser-bin) iser_bin=$2; shift 2 ;;
         --qsd-read-zeroes) qsd_read_zeroes=$2; shift 2 ;;
+        --ring-poll-us) ring_poll_us=$2; shift 2 ;;
         --out) out=$2; shift 2 ;;
         --no-build) build=; shift ;;
         -h|--help) usage; exit 0 ;;
@@ -81,6 +86,7 @@ done
 [[ "$runtime" =~ ^[0-9]+([.][0-9]+)?$ ]] || die "--runtime must be a number of seconds"
 [[ "$reps" =~ ^[1-9][0-9]*$ ]] || die "--reps must be a positive integer"
 case "$qsd_read_zeroes" in on|off) ;; *) die "--qsd-read-zeroes must be on or off" ;; esac
+case "$ring_poll_us" in '' | [0-9] | [1-9][0-9] | [1-9][0-9][0-9] | [1-9][0-9][0-9][0-9]) ;; *) die "--ring-poll-us must be 0-9999 (microseconds)" ;; esac
 case "$iser_target" in null|mem) ;; *) die "--iser-target must be null or mem" ;; esac
 [ -z "$iser_threads" ] || [[ "$iser_threads" =~ ^[1-9][0-9]*$ ]] || die "--iser-threads must be a positive number"
 IFS=, read -r -a backend_arr <<<"$backends"
@@ -155,7 +161,7 @@ backend_cmd() {
     local b=$1 sock=$2
     case "$b" in
         vhost-iser)
-            echo "$iser_bin --socket $sock --target $iser_target:$size --queues $backend_queues${iser_threads:+ --threads $iser_threads} --queue-size $backend_queue_size --log-level warn" ;;
+            echo "${ring_poll_us:+env VHOST_ISER_RING_POLL_US=$ring_poll_us }$iser_bin --socket $sock --target $iser_target:$size --queues $backend_queues${iser_threads:+ --threads $iser_threads} --queue-size $backend_queue_size --log-level warn" ;;
         qsd)
             echo "qemu-storage-daemon --blockdev driver=null-co,node-name=null0,size=$size,read-zeroes=$qsd_read_zeroes --export type=vhost-user-blk,id=exp0,node-name=null0,addr.type=unix,addr.path=$sock,writable=on,num-queues=$backend_queues" ;;
     esac
