@@ -84,8 +84,9 @@ pub fn read_words_in_region(mem: &GuestMemoryMmap, addr: GuestAddress) -> Option
     }
     // Misaligned (libblkio's headers are): the three aligned words around
     // the 16 bytes, shifted together, when they too lie inside the region.
-    let start = offset.0.checked_sub(misalign as u64)?;
-    if cfg!(target_endian = "little") && start + 24 <= region.len() {
+    let start = offset.0.checked_sub(misalign as u64);
+    if let Some(start) = start.filter(|&s| cfg!(target_endian = "little") && s + 24 <= region.len())
+    {
         // SAFETY: `ptr - misalign .. +24` lies inside the region's mapping
         // (checked just above: the offsets are inside the region), which
         // `mem` keeps mapped, and is 8-aligned by construction. Atomic
@@ -352,7 +353,10 @@ impl IoBuffers {
 pub struct GuestBuffers<'m> {
     mem: &'m Arc<GuestMemoryMmap>,
     /// Owns nothing: `mem` outlives it, and only `&IoBuffers` is lent out
-    /// (an `IoBuffers` cannot be cloned), so no pointer outlives the borrow.
+    /// (an `IoBuffers` cannot be cloned), so no copy of the data outlives the
+    /// borrow. Its raw `iovecs` can be copied, though: they must not go to
+    /// anything that uses them after the borrow (a receive plan of the
+    /// transports); such users take owned buffers.
     bufs: IoBuffers,
 }
 

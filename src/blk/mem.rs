@@ -224,7 +224,8 @@ impl Target for MemTarget {
     }
 }
 
-/// One queue's view of the RAM (or null) disk: completes everything inside `submit`.
+/// One queue's view of the RAM (or null) disk: serves every request at once,
+/// in `execute` (the worker's path) or in `submit`.
 struct MemQueue {
     store: Option<Arc<SparseStore>>,
     ready: Vec<Completion>,

@@ -226,7 +226,9 @@ pub trait QueueTarget: Send {
     /// and null targets: a copy in memory), and gives its status; None if it
     /// does not (the worker then [`submit`](Self::submit)s it). The buffers
     /// are borrowed from the worker's memory snapshot: nothing of the request
-    /// can be kept past the call, and no reference count is paid for it.
+    /// may be kept past the call (not even its raw `iovecs`: a target that
+    /// hands them on, to a receive plan say, must use `submit`), and no
+    /// reference count is paid for it.
     fn execute(&mut self, _req: &BlockRequest<GuestBuffers<'_>>) -> Option<BlockStatus> {
         None
     }

@@ -180,8 +180,9 @@ pub struct QueueWorker {
     mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
     /// This worker's own copy of the current memory table (the same
     /// regions, a table object of its own), and the shared table it was
-    /// copied from. Every request holds a reference to the table it was
-    /// parsed against, so that its buffers stay mapped; on the shared table
+    /// copied from. Every request handed to a target that keeps it holds a
+    /// reference to the table it was parsed against, so that its buffers
+    /// stay mapped (one served at once borrows it instead); on the shared table
     /// those reference counts, moved by every worker, sit in the cache line
     /// that each region lookup reads, and with several workers that line
     /// went back and forth between the CPUs on every request (4 queues on
