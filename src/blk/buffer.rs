@@ -84,9 +84,11 @@ pub fn read_words_in_region(mem: &GuestMemoryMmap, addr: GuestAddress) -> Option
     }
     // Misaligned (libblkio's headers are): the three aligned words around
     // the 16 bytes, shifted together, when they too lie inside the region.
-    let start = offset.0.checked_sub(misalign as u64);
-    if let Some(start) = start.filter(|&s| cfg!(target_endian = "little") && s + 24 <= region.len())
-    {
+    let inside = offset
+        .0
+        .checked_sub(misalign as u64)
+        .is_some_and(|start| start + 24 <= region.len());
+    if cfg!(target_endian = "little") && inside {
         // SAFETY: `ptr - misalign .. +24` lies inside the region's mapping
         // (checked just above: the offsets are inside the region), which
         // `mem` keeps mapped, and is 8-aligned by construction. Atomic
