@@ -250,6 +250,30 @@ fn roff_block(title: &str, body: &str) -> String {
     s
 }
 
+/// Whether `target` names a network target (iSCSI over TCP or iSER), whose
+/// workers mostly wait on the network.
+fn is_network_target(target: &str) -> bool {
+    target.starts_with("iscsi://") || target.starts_with("iser://")
+}
+
+/// Worker threads when `--threads` is not given. RAM and null targets: one
+/// per queue, as their work is the copy itself and spreads over the CPUs.
+/// Network targets: one per two queues. Their workers mostly wait on
+/// sockets, one thread drives several sessions through its epoll, and a
+/// thread per queue mostly adds wake-ups and context switches that compete
+/// with the guest's vCPUs. Measured on a 2-CPU host (bench/RESULTS.md,
+/// section 3): a TCG guest on two queues through tgtd got 0.77x qsd's 4 KiB
+/// IOPS at 1.18x its CPU per I/O with two threads, 1.10x at 0.69x with one;
+/// the loadgen on four sessions was as fast on two threads as on four (QD1
+/// and QD32), and 15 % slower at QD1 on one.
+pub fn default_threads(queues: u16, network_target: bool) -> u16 {
+    if network_target {
+        queues.div_ceil(2)
+    } else {
+        queues
+    }
+}
+
 /// The manual page (roff), as committed in man/vhost-iser.1. Carries the
 /// crate version only, so it does not change with every commit.
 pub fn man_page() -> std::io::Result<Vec<u8>> {
@@ -392,7 +416,8 @@ pub struct ServeArgs {
     pub queues: Option<u16>,
 
     /// Worker threads; the queues are spread over them round robin
-    /// [default: one per queue].
+    /// [default: one per queue for mem: and null:, one per two queues for
+    /// iscsi:// and iser://].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64), help_heading = "Device")]
     pub threads: Option<u16>,
 
@@ -847,14 +872,17 @@ impl ServeArgs {
 
     /// Applies the defaults; `socket` and `target` are required.
     pub fn with_defaults(self) -> Result<Options, ConfigError> {
+        let queues = self.queues.unwrap_or(1);
+        let network = self.target.as_deref().is_some_and(is_network_target);
+        let threads = self
+            .threads
+            .unwrap_or_else(|| default_threads(queues, network))
+            .min(queues);
         Ok(Options {
             socket: self.socket.ok_or(ConfigError::Missing("socket"))?,
             target: self.target.ok_or(ConfigError::Missing("target"))?,
-            queues: self.queues.unwrap_or(1),
-            threads: {
-                let queues = self.queues.unwrap_or(1);
-                self.threads.unwrap_or(queues).min(queues)
-            },
+            queues,
+            threads,
             queue_size: self.queue_size.unwrap_or(256),
             read_only: self.read_only.unwrap_or(false),
             serial: self.serial,
@@ -924,6 +952,31 @@ mod tests {
         parse_file(text, Path::new("/etc/v.toml"))
             .unwrap_err()
             .to_string()
+    }
+
+    #[test]
+    fn network_targets_default_to_a_thread_per_two_queues() {
+        let threads = |target: &str, queues: u16, threads: Option<u16>| {
+            ServeArgs {
+                socket: Some("/s".into()),
+                target: Some(target.into()),
+                queues: Some(queues),
+                threads,
+                ..ServeArgs::default()
+            }
+            .with_defaults()
+            .unwrap()
+            .threads
+        };
+        assert_eq!(threads("mem:1M", 4, None), 4);
+        assert_eq!(threads("null:1M", 3, None), 3);
+        assert_eq!(threads("iscsi://h/iqn.x:t/1", 1, None), 1);
+        assert_eq!(threads("iscsi://h/iqn.x:t/1", 2, None), 1);
+        assert_eq!(threads("iser://h/iqn.x:t/1", 5, None), 3);
+        // Given, it wins (up to the number of queues).
+        assert_eq!(threads("iscsi://h/iqn.x:t/1", 4, Some(4)), 4);
+        assert_eq!(threads("mem:1M", 2, Some(1)), 1);
+        assert_eq!(threads("mem:1M", 2, Some(8)), 2);
     }
 
     #[test]
