@@ -261,8 +261,8 @@ fn is_network_target(target: &str) -> bool {
 /// Network targets: one per two queues. Their workers mostly wait on
 /// sockets, one thread drives several sessions through its epoll, and a
 /// thread per queue mostly adds wake-ups and context switches that compete
-/// with the guest's vCPUs. Measured on a 2-CPU host (bench/RESULTS.md,
-/// section 3): a TCG guest on two queues through tgtd got 0.77x qsd's 4 KiB
+/// with the guest's vCPUs. Measured on a 2-CPU host (bench/RESULTS.md, the
+/// guest fio comparison): a TCG guest on two queues through tgtd got 0.77x qsd's 4 KiB
 /// IOPS at 1.18x its CPU per I/O with two threads, 1.10x at 0.69x with one;
 /// the loadgen on four sessions was as fast on two threads as on four (QD1
 /// and QD32), and 15 % slower at QD1 on one.
