@@ -203,7 +203,11 @@ impl<'m> Area<'m> {
                 let mut raw = [0u8; 16];
                 mem.read_slice(&mut raw, guest_at(a, offset, what)?)
                     .map_err(|_| access(what, a, offset))?;
-                Ok(decode_descriptor(raw))
+                let [a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7] = raw;
+                Ok(descriptor_from_words(
+                    u64::from_le_bytes([a0, a1, a2, a3, a4, a5, a6, a7]),
+                    u64::from_le_bytes([b0, b1, b2, b3, b4, b5, b6, b7]),
+                ))
             }
         }
     }
@@ -254,21 +258,10 @@ pub fn servable(avail: u16, next_avail: u16, size: u16) -> bool {
     ahead != 0 && ahead <= size
 }
 
-/// A descriptor from its two little-endian words, as they lie in the table:
-/// the address, then the length, flags and next index.
+/// A descriptor from its two words, as they lie in the table (virtio 1.2
+/// 2.7.5): the address, then the length, flags and next index.
 fn descriptor_from_words(addr: u64, rest: u64) -> Descriptor {
     Descriptor::new(addr, rest as u32, (rest >> 32) as u16, (rest >> 48) as u16)
-}
-
-/// A descriptor as the guest laid it out (virtio 1.2 2.7.5, little endian).
-fn decode_descriptor(raw: [u8; 16]) -> Descriptor {
-    let [a0, a1, a2, a3, a4, a5, a6, a7, l0, l1, l2, l3, f0, f1, n0, n1] = raw;
-    Descriptor::new(
-        u64::from_le_bytes([a0, a1, a2, a3, a4, a5, a6, a7]),
-        u32::from_le_bytes([l0, l1, l2, l3]),
-        u16::from_le_bytes([f0, f1]),
-        u16::from_le_bytes([n0, n1]),
-    )
 }
 
 /// `base + offset`, refused when it passes the end of the address space.

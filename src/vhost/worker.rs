@@ -775,7 +775,8 @@ impl QueueWorker {
                 // A target that serves requests at once does it through the
                 // borrowed buffers: no reference count on the snapshot per
                 // request (see GuestBuffers). Its completion is collected
-                // with the target's own in `complete`.
+                // with the target's own in `complete`. (Only inline targets
+                // are asked: a network target's answer is always None.)
                 if self.inline_target {
                     if let Some(status) = self.target.execute(&req) {
                         self.done.push(Completion { tag, status });
